@@ -1,0 +1,32 @@
+"""BlockStats: what policies see of a block. The store keeps one per block and updates it in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class BlockStats:
+    """Statistics of one stored block.
+
+    Steps are ticks of the store's logical clock, which advances once per operation.
+    key_min, key_max: [kv_heads, head_dim], the per-channel key bounds (Quest), kept in the
+    fastest tier whichever tier holds the block; None until an estimator asks for them.
+    """
+
+    nbytes: int  # bytes of capacity the block takes in its tier
+    tier: str  # "device" | "host" | "disk"
+    inserted_step: int  # when the block was first put
+    tier_step: int  # when the block arrived in its current tier
+    last_access_step: int  # when the block was last read (get or prefetch) or put
+    hits: int = 0  # reads since it was put
+    score: float = 0.0  # importance, higher is more valuable
+    key_min: torch.Tensor | None = None
+    key_max: torch.Tensor | None = None
+
+    @property
+    def last_used_step(self) -> int:
+        """Last read, or arrival in the current tier, whichever came later."""
+        return max(self.last_access_step, self.tier_step)

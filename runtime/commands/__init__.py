@@ -1,0 +1,12 @@
+"""Subcommands of `tiered`, by name. Each module has `register(add_parser, name)`, which adds its
+parser and sets `func` to a function taking the parsed arguments and returning an exit code."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import run
+
+COMMANDS: dict[str, Callable] = {
+    "run": run.register,
+}

@@ -1,0 +1,34 @@
+"""Counters of what a TieredStore did, per tier and in all."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class TierCounters:
+    hits: int = 0  # get() found the block in this tier
+    misses: int = 0  # get() looked in this tier and the block was not there
+    promotions: int = 0  # blocks moved up out of this tier, by get or prefetch
+    prefetched: int = 0  # of those, moved by prefetch
+    evictions: int = 0  # blocks moved down out of this tier to make room
+    dropped: int = 0  # blocks that left the store from this tier to make room
+    bytes_in: int = 0  # bytes written into this tier (as the tier stores them)
+    bytes_out: int = 0  # bytes read out of this tier by promotions and evictions
+    wait_s: float = 0.0  # time get() spent bringing blocks up from this tier
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class StoreCounters:
+    puts: int = 0
+    gets: int = 0
+    hits: int = 0  # gets that found the block in some tier
+    misses: int = 0  # gets that found it nowhere
+    removes: int = 0  # remove() calls that removed a block
+    prefetch_requests: int = 0  # keys passed to prefetch()
+
+    def as_dict(self) -> dict:
+        return asdict(self)

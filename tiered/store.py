@@ -1,0 +1,390 @@
+"""TieredStore: blocks in a hierarchy of tiers, moved down when a tier is full and up when read.
+
+A block lives in exactly one tier. `put` lands in the device tier; when a tier has no room its
+eviction policy names victims, which move one tier down through that tier's codec (and leave
+the store from the bottom tier); `get` promotes to the device tier; `prefetch` promotes in the
+background. One lock serializes every operation, so the store is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from policies import BlockStats, EvictionPolicy, make_eviction
+
+from .block import BlockKey, BlockLayout, KVBlock
+from .codecs import Codec, Encoded, make_codec
+from .config import StoreConfig
+from .counters import StoreCounters, TierCounters
+from .device import DeviceTier
+from .host import HostTier
+from .tier import Tier
+
+DEVICE = 0  # index of the top tier
+
+
+class TieredStore:
+    """A KV block store over device, host and (optionally) disk tiers. See StoreConfig."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        if not isinstance(config, StoreConfig):
+            raise TypeError(f"TieredStore expects a StoreConfig, got {type(config).__name__}")
+        self.config = config
+        self.device = config.torch_device
+        # Construct everything that can fail before anything holds resources.
+        codecs: list[Codec | None] = [None, make_codec(config.host_codec)]
+        policies = [make_eviction(config.eviction, **config.eviction_kwargs) for _ in range(3)]
+        tiers: list[Tier] = [
+            DeviceTier(self.device, config.device_bytes),
+            HostTier(config.host_bytes, pin=self.device.type == "cuda"),
+        ]
+        if config.disk_dir is not None:
+            codecs.append(make_codec(config.disk_codec))
+            tiers.append(self._open_disk(config, codecs[-1]))
+        self._tiers = tiers
+        self._codecs = codecs
+        self._policies: list[EvictionPolicy] = policies[: len(tiers)]
+        self._stats: list[dict[BlockKey, BlockStats]] = [{} for _ in tiers]
+        self._where: dict[BlockKey, int] = {}
+        self._tier_counters = [TierCounters() for _ in tiers]
+        self._counters = StoreCounters()
+        self._step = 0
+        self._lock = threading.RLock()
+        self._closed = False
+        self._executor = ThreadPoolExecutor(config.prefetch_threads, thread_name_prefix="tiered-prefetch")
+        for t in range(1, len(tiers)):
+            for key in tiers[t].keys():  # blocks a persistent tier kept from an earlier run
+                self._track(key, t, tiers[t].charge(tiers[t].get(key)))
+
+    @staticmethod
+    def _open_disk(config: StoreConfig, codec: Codec) -> Tier:
+        raise ValueError("the disk tier is not available yet; use disk_dir=None")
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def layout(self) -> BlockLayout | None:
+        """The shape every block shares, fixed by the first put; None before it."""
+        return self._device_tier.layout
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [tier.name for tier in self._tiers]
+
+    def put(self, key: BlockKey, block: KVBlock) -> None:
+        """Store `block` under `key` in the device tier, replacing any earlier block of that key."""
+        self.put_many([(key, block)])
+
+    def put_many(self, items: Iterable[tuple[BlockKey, KVBlock]]) -> None:
+        """put() each (key, block) in order, holding the lock once. Validated before any is stored."""
+        items = list(items)
+        for key, block in items:
+            _check_key(key)
+            if not isinstance(block, KVBlock):
+                raise TypeError(f"expected a KVBlock, got {type(block).__name__}")
+        with self._lock:
+            self._check_open()
+            layout = self._layout_for([block for _, block in items])
+            if self.layout is None and layout is not None:
+                self._device_tier.allocate(layout)
+            for key, block in items:
+                self._put_locked(key, block)
+
+    def get(self, key: BlockKey) -> KVBlock | None:
+        """The block stored under `key`, on the store's device, or None. Promotes it to the device tier.
+
+        The returned tensors belong to the caller: later store operations do not change them.
+        """
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Iterable[BlockKey]) -> list[KVBlock | None]:
+        """get() each key in order, holding the lock once."""
+        keys = list(keys)
+        for key in keys:
+            _check_key(key)
+        with self._lock:
+            self._check_open()
+            return [self._get_locked(key) for key in keys]
+
+    def where(self, key: BlockKey) -> str | None:
+        """Name of the tier holding `key` ("device", "host", "disk"), or None."""
+        _check_key(key)
+        with self._lock:
+            t = self._where.get(key)
+            return None if t is None else self._tiers[t].name
+
+    def remove(self, key: BlockKey) -> bool:
+        """Forget `key` in whichever tier holds it; True if it was stored."""
+        _check_key(key)
+        with self._lock:
+            self._check_open()
+            if key not in self._where:
+                return False
+            self._discard(key)
+            self._counters.removes += 1
+            return True
+
+    def prefetch(self, keys: Iterable[BlockKey]) -> Future:
+        """Start moving `keys` up to the device tier in the background.
+
+        The future resolves to the number of blocks moved. Keys not stored, or already on the
+        device, are skipped; at most as many blocks as the device tier holds are moved.
+        """
+        keys = list(keys)
+        for key in keys:
+            _check_key(key)
+        with self._lock:
+            self._check_open()
+            self._counters.prefetch_requests += len(keys)
+            return self._executor.submit(self._prefetch, keys)
+
+    def stats(self) -> dict:
+        """Counters of everything the store did, plus per-tier blocks and used/capacity bytes."""
+        with self._lock:
+            out = self._counters.as_dict()
+            out["step"] = self._step
+            out["tiers"] = {}
+            for t, tier in enumerate(self._tiers):
+                entry = self._tier_counters[t].as_dict()
+                entry.update(blocks=len(self._stats[t]), used_bytes=tier.used_bytes, capacity_bytes=tier.capacity_bytes)
+                out["tiers"][tier.name] = entry
+            return out
+
+    def block_stats(self, key: BlockKey) -> BlockStats | None:
+        """The statistics policies see for `key` (a live object: read it under no assumptions)."""
+        _check_key(key)
+        with self._lock:
+            t = self._where.get(key)
+            return None if t is None else self._stats[t][key]
+
+    def keys(self) -> list[BlockKey]:
+        with self._lock:
+            return list(self._where)
+
+    def __contains__(self, key: BlockKey) -> bool:
+        with self._lock:
+            return key in self._where
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._where)
+
+    def close(self) -> None:
+        """Finish or cancel background work and release every tier. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for tier in self._tiers:
+                tier.close()
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals (lock held) ----------------------------------------------------------------
+
+    @property
+    def _device_tier(self) -> DeviceTier:
+        return self._tiers[DEVICE]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the store is closed")
+
+    def _layout_for(self, blocks: list[KVBlock]) -> BlockLayout | None:
+        """The store's layout, or the one `blocks` set; raise if any block does not fit it."""
+        layout = self.layout
+        if layout is None and blocks:
+            first = blocks[0]
+            layout = BlockLayout(first.kv_heads, self.config.block_tokens, first.head_dim, first.dtype)
+            self._check_fits_tiers(layout)
+        for block in blocks:
+            layout.check(block)
+        return layout
+
+    def _check_fits_tiers(self, layout: BlockLayout) -> None:
+        self._device_tier.slots_for(layout)
+        shape = (layout.kv_heads, layout.block_tokens, layout.head_dim)
+        for t in range(1, len(self._tiers)):
+            nbytes = self._codecs[t].encoded_nbytes(*shape, layout.dtype)
+            if nbytes > self._tiers[t].capacity_bytes:
+                raise ValueError(
+                    f"a block of {nbytes} bytes ({self._codecs[t].spec}) is larger than the "
+                    f"{self._tiers[t].name} tier's capacity of {self._tiers[t].capacity_bytes} bytes"
+                )
+
+    def _tick(self) -> int:
+        self._step += 1
+        return self._step
+
+    def _put_locked(self, key: BlockKey, block: KVBlock) -> None:
+        step = self._tick()
+        old = self._where.get(key)
+        if old == DEVICE:
+            self._discard(key)
+        else:
+            self._make_room(DEVICE, self._device_tier.slot_bytes, leaving=None)
+            if key in self._where:  # an older version in a lower tier, unless room-making dropped it
+                self._discard(key)
+        self._device_tier.put(key, block)
+        self._track(key, DEVICE, self._device_tier.slot_bytes, step)
+        self._counters.puts += 1
+        self._tier_counters[DEVICE].bytes_in += block.nbytes
+
+    def _get_locked(self, key: BlockKey) -> KVBlock | None:
+        step = self._tick()
+        self._counters.gets += 1
+        t = self._where.get(key)
+        for above in range(DEVICE, len(self._tiers) if t is None else t):
+            self._tier_counters[above].misses += 1
+        if t is None:
+            self._counters.misses += 1
+            return None
+        if t == DEVICE:
+            self._touch(key, DEVICE, step)
+            self._counters.hits += 1
+            self._tier_counters[DEVICE].hits += 1
+            return self._device_tier.get(key).clone()
+        start_s = time.perf_counter()
+        block = self._promote(key, t)
+        self._tier_counters[t].wait_s += time.perf_counter() - start_s
+        if block is None:  # the lower tier could not return it intact: a miss, never wrong data
+            self._counters.misses += 1
+            self._tier_counters[t].misses += 1
+            return None
+        self._counters.hits += 1
+        self._tier_counters[t].hits += 1
+        self._touch(key, DEVICE, step)
+        return block
+
+    def _touch(self, key: BlockKey, t: int, step: int, hit: bool = True) -> None:
+        stats = self._stats[t][key]
+        stats.hits += hit
+        stats.last_access_step = step
+        self._policies[t].on_update(key, stats)
+
+    def _prefetch(self, keys: list[BlockKey]) -> int:
+        moved = 0
+        for key in keys:
+            with self._lock:
+                if self._closed or (self.layout is not None and moved >= self._device_tier.slots):
+                    break
+                t = self._where.get(key)
+                if t is None or t == DEVICE:
+                    continue
+                if self._promote(key, t) is None:
+                    continue
+                self._touch(key, DEVICE, self._tick(), hit=False)
+                self._tier_counters[t].prefetched += 1
+                moved += 1
+        return moved
+
+    def _promote(self, key: BlockKey, t: int) -> KVBlock | None:
+        """Move `key` from tier t to the device tier; the decoded block, or None if it was unreadable."""
+        tier = self._tiers[t]
+        item = tier.get(key)
+        if item is None:  # the tier found the record damaged and dropped it
+            self._forget([key], t)
+            return None
+        block = self._codecs[t].decode(item, self.device)
+        if self.layout is None:  # a store reopened over a persistent tier: the first block sets it
+            self._device_tier.allocate(self._layout_for([block]))
+        stats = self._stats[t][key]
+        self._make_room(DEVICE, self._device_tier.slot_bytes, leaving=key)
+        self._device_tier.put(key, block)
+        if key in self._where:  # still below, unless room-making dropped it from a self-evicting tier
+            self._discard(key)
+        self._tier_counters[t].promotions += 1
+        self._tier_counters[t].bytes_out += tier.charge(item)
+        self._tier_counters[DEVICE].bytes_in += block.nbytes
+        self._track(key, DEVICE, self._device_tier.slot_bytes, stats=stats)
+        return block
+
+    def _make_room(self, t: int, nbytes: int, leaving: BlockKey | None) -> None:
+        """Demote victims from tier t until `nbytes` fit. `leaving` is about to leave tier t
+        (it counts as free space and is never chosen)."""
+        tier = self._tiers[t]
+        if tier.evicts_itself:
+            return
+        credit = self._stats[t][leaving].nbytes if leaving in self._stats[t] else 0
+        while tier.free_bytes + credit < nbytes:
+            victim = next((k for k in self._policies[t].candidates() if k != leaving), None)
+            if victim is None:
+                raise RuntimeError(f"the {tier.name} tier cannot make room for {nbytes} bytes")
+            self._demote(victim, t, leaving)
+
+    def _demote(self, key: BlockKey, t: int, leaving: BlockKey | None) -> None:
+        """Move `key` from tier t one tier down, or out of the store from the bottom tier.
+
+        If the lower tier fails, the block stays where it was and the error propagates.
+        """
+        source = self._tiers[t]
+        if t == len(self._tiers) - 1:
+            self._discard(key)
+            self._tier_counters[t].dropped += 1
+            return
+        item = source.get(key)
+        encoded = self._encode_for(t + 1, item, t)
+        target = self._tiers[t + 1]
+        nbytes = target.charge(encoded)
+        self._make_room(t + 1, nbytes, leaving)
+        dropped = target.put(key, encoded)
+        stats = self._stats[t].pop(key)
+        self._policies[t].on_remove(key)
+        source.remove(key)
+        self._track(key, t + 1, nbytes, stats=stats)
+        self._tier_counters[t].evictions += 1
+        self._tier_counters[t].bytes_out += item.nbytes
+        self._tier_counters[t + 1].bytes_in += nbytes
+        self._forget(dropped, t + 1)
+
+    def _encode_for(self, t: int, item: KVBlock | Encoded, source: int) -> Encoded:
+        """`item`, held by tier `source`, in the codec of tier t."""
+        codec = self._codecs[t]
+        if isinstance(item, KVBlock):
+            return codec.encode(item)
+        if item.codec == codec.spec:
+            return item
+        return codec.encode(self._codecs[source].decode(item, "cpu"))
+
+    def _track(self, key: BlockKey, t: int, nbytes: int, step: int | None = None, stats: BlockStats | None = None) -> BlockStats:
+        """Record that `key` now lives in tier t (the tier already holds it)."""
+        step = self._step if step is None else step
+        if stats is None:
+            stats = BlockStats(nbytes=nbytes, tier="", inserted_step=step, tier_step=step, last_access_step=step)
+        stats.nbytes = nbytes
+        stats.tier = self._tiers[t].name
+        stats.tier_step = step
+        self._stats[t][key] = stats
+        self._policies[t].on_insert(key, stats)
+        self._where[key] = t
+        return stats
+
+    def _discard(self, key: BlockKey) -> None:
+        t = self._where.pop(key)
+        del self._stats[t][key]
+        self._policies[t].on_remove(key)
+        self._tiers[t].remove(key)
+
+    def _forget(self, keys: Iterable[BlockKey], t: int) -> None:
+        """Keys tier t already dropped on its own: they leave the store."""
+        for key in keys:
+            if self._where.get(key) == t:
+                del self._where[key]
+                del self._stats[t][key]
+                self._policies[t].on_remove(key)
+                self._tier_counters[t].dropped += 1
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, BlockKey):
+        raise TypeError(f"expected a BlockKey, got {type(key).__name__}")
+

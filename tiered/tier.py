@@ -1,0 +1,68 @@
+"""The contract every tier keeps. TieredStore composes tiers; a tier knows nothing of the others.
+
+A tier is not thread-safe on its own: TieredStore serializes calls into it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+from .block import BlockKey
+
+
+class Tier(ABC):
+    """One level of the hierarchy. Items are KVBlocks in the device tier, Encoded elsewhere."""
+
+    name: str
+    # True for a tier that enforces its own capacity inside put (and reports what it dropped);
+    # the store then never asks the eviction policy to make room in it.
+    evicts_itself: bool = False
+
+    @abstractmethod
+    def __contains__(self, key: BlockKey) -> bool:
+        """True if the tier holds `key`."""
+
+    @abstractmethod
+    def get(self, key: BlockKey) -> Any | None:
+        """The item stored under `key`, or None; placement does not change."""
+
+    @abstractmethod
+    def put(self, key: BlockKey, item: Any) -> list[BlockKey]:
+        """Store `item` under `key`; the caller has made room. Returns keys the tier dropped to do it.
+
+        If put raises, the tier is as it was before the call.
+        """
+
+    @abstractmethod
+    def remove(self, key: BlockKey) -> bool:
+        """Forget `key`; True if it was there. Views returned by get for it become invalid."""
+
+    @abstractmethod
+    def charge(self, item: Any) -> int:
+        """Bytes of capacity `item` would take in this tier."""
+
+    @abstractmethod
+    def keys(self) -> Iterator[BlockKey]:
+        """Every key the tier holds."""
+
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int:
+        """Capacity in use."""
+
+    @property
+    @abstractmethod
+    def capacity_bytes(self) -> int:
+        """Capacity in all."""
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.keys())
+
+    def close(self) -> None:
+        """Release what the tier holds; it is not used afterwards."""
