@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,7 @@ class BlockKey:
     namespace: str
     layer: int
     index: int
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.namespace, str):
@@ -32,12 +33,16 @@ class BlockKey:
             )
         if not self.namespace.isprintable():
             raise ValueError(f"BlockKey.namespace must be printable text, got {self.namespace!r}")
-        for field in ("layer", "index"):
-            value = getattr(self, field)
+        for name in ("layer", "index"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"BlockKey.{field} must be int, got {type(value).__name__}")
+                raise TypeError(f"BlockKey.{name} must be int, got {type(value).__name__}")
             if value < 0:
-                raise ValueError(f"BlockKey.{field} must be >= 0, got {value}")
+                raise ValueError(f"BlockKey.{name} must be >= 0, got {value}")
+        object.__setattr__(self, "_hash", hash((self.namespace, self.layer, self.index)))
+
+    def __hash__(self) -> int:  # keys are hashed on every store operation: compute it once
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,14 @@ class KVBlock:
                 f"got {self.keys.device} and {self.values.device}"
             )
 
+    @classmethod
+    def trusted(cls, keys: torch.Tensor, values: torch.Tensor) -> KVBlock:
+        """A block from tensors the caller guarantees valid (views of a checked block); no checks."""
+        block = object.__new__(cls)
+        object.__setattr__(block, "keys", keys)
+        object.__setattr__(block, "values", values)
+        return block
+
     @property
     def kv_heads(self) -> int:
         return self.keys.shape[0]
@@ -106,13 +119,13 @@ class KVBlock:
         return 2 * self.keys.numel() * self.keys.element_size()
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> KVBlock:
-        return KVBlock(
+        return KVBlock.trusted(
             self.keys.to(device, non_blocking=non_blocking),
             self.values.to(device, non_blocking=non_blocking),
         )
 
     def clone(self) -> KVBlock:
-        return KVBlock(self.keys.clone(), self.values.clone())
+        return KVBlock.trusted(self.keys.clone(), self.values.clone())
 
     def equal(self, other: KVBlock) -> bool:
         """Bit-exact equality of shape, dtype and contents."""

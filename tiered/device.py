@@ -24,6 +24,8 @@ class DeviceTier(Tier):
         self.slot_bytes = 0
         self.keys_pool = self.values_pool = torch.empty(0, device=device)
         self._free: list[int] = []
+        self._slot_keys: list[torch.Tensor] = []
+        self._slot_values: list[torch.Tensor] = []
         self._slots: dict[BlockKey, tuple[int, int]] = {}  # key -> (slot, tokens)
 
     def slots_for(self, layout: BlockLayout) -> int:
@@ -46,6 +48,9 @@ class DeviceTier(Tier):
         self.keys_pool = torch.empty(shape, dtype=layout.dtype, device=self.device)
         self.values_pool = torch.empty(shape, dtype=layout.dtype, device=self.device)
         self._free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
+        # Per-slot views, made once: indexing the pool costs more than copying a small block.
+        self._slot_keys = list(self.keys_pool.unbind(0))  # each [kv_heads, block_tokens, head_dim]
+        self._slot_values = list(self.values_pool.unbind(0))
         self.layout = layout
         self.slot_bytes = layout.block_nbytes
 
@@ -66,7 +71,10 @@ class DeviceTier(Tier):
         if entry is None:
             return None
         slot, tokens = entry
-        return KVBlock(self.keys_pool[slot, :, :tokens], self.values_pool[slot, :, :tokens])
+        keys, values = self._slot_keys[slot], self._slot_values[slot]
+        if tokens < self.layout.block_tokens:
+            keys, values = keys[:, :tokens], values[:, :tokens]
+        return KVBlock.trusted(keys, values)
 
     def put(self, key: BlockKey, item: KVBlock) -> list[BlockKey]:
         if key in self._slots:
@@ -75,9 +83,12 @@ class DeviceTier(Tier):
             raise RuntimeError("device tier has no free slot (or no pool); the store must make room first")
         slot = self._free.pop()
         tokens = item.tokens
-        non_blocking = item.device.type == "cpu" and item.keys.is_pinned()
-        self.keys_pool[slot, :, :tokens].copy_(item.keys, non_blocking=non_blocking)
-        self.values_pool[slot, :, :tokens].copy_(item.values, non_blocking=non_blocking)
+        keys, values = self._slot_keys[slot], self._slot_values[slot]
+        if tokens < self.layout.block_tokens:
+            keys, values = keys[:, :tokens], values[:, :tokens]
+        non_blocking = self.device.type == "cuda" and item.keys.is_pinned()
+        keys.copy_(item.keys, non_blocking=non_blocking)
+        values.copy_(item.values, non_blocking=non_blocking)
         self._slots[key] = (slot, tokens)
         return []
 
@@ -113,4 +124,5 @@ class DeviceTier(Tier):
     def close(self) -> None:
         self._slots.clear()
         self._free.clear()
+        self._slot_keys, self._slot_values = [], []
         self.keys_pool = self.values_pool = torch.empty(0, device=self.device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from policies import BlockStats, EvictionPolicy, make_eviction
@@ -108,6 +108,20 @@ class TieredStore:
         with self._lock:
             self._check_open()
             return [self._get_locked(key) for key in keys]
+
+    def peek(self, key: BlockKey) -> KVBlock | None:
+        """A copy of the block on the CPU without moving it or counting a read; None if absent."""
+        _check_key(key)
+        with self._lock:
+            self._check_open()
+            t = self._where.get(key)
+            if t is None:
+                return None
+            item = self._tiers[t].get(key)
+            if item is None:
+                return None
+            block = item if t == DEVICE else self._codecs[t].decode(item, "cpu")
+            return KVBlock.trusted(block.keys.to("cpu", copy=True), block.values.to("cpu", copy=True))
 
     def where(self, key: BlockKey) -> str | None:
         """Name of the tier holding `key` ("device", "host", "disk"), or None."""
@@ -231,7 +245,7 @@ class TieredStore:
         if old == DEVICE:
             self._discard(key)
         else:
-            self._make_room(DEVICE, self._device_tier.slot_bytes, leaving=None)
+            self._make_room(DEVICE, self._device_tier.slot_bytes, leaving=key)
             if key in self._where:  # an older version in a lower tier, unless room-making dropped it
                 self._discard(key)
         self._device_tier.put(key, block)
@@ -272,22 +286,26 @@ class TieredStore:
         self._policies[t].on_update(key, stats)
 
     def _prefetch(self, keys: list[BlockKey]) -> int:
+        """Promote `keys` in order; the batch's blocks on the device are not evicted by the batch."""
         moved = 0
+        batch: set[BlockKey] = set()
         for key in keys:
             with self._lock:
-                if self._closed or (self.layout is not None and moved >= self._device_tier.slots):
+                if self._closed or (self.layout is not None and len(batch) >= self._device_tier.slots):
                     break
                 t = self._where.get(key)
-                if t is None or t == DEVICE:
+                if t is None or key in batch:
                     continue
-                if self._promote(key, t) is None:
-                    continue
+                if t != DEVICE:
+                    if self._promote(key, t, protected=batch) is None:
+                        continue
+                    self._tier_counters[t].prefetched += 1
+                    moved += 1
                 self._touch(key, DEVICE, self._tick(), hit=False)
-                self._tier_counters[t].prefetched += 1
-                moved += 1
+                batch.add(key)
         return moved
 
-    def _promote(self, key: BlockKey, t: int) -> KVBlock | None:
+    def _promote(self, key: BlockKey, t: int, protected: Collection[BlockKey] = ()) -> KVBlock | None:
         """Move `key` from tier t to the device tier; the decoded block, or None if it was unreadable."""
         tier = self._tiers[t]
         item = tier.get(key)
@@ -298,7 +316,7 @@ class TieredStore:
         if self.layout is None:  # a store reopened over a persistent tier: the first block sets it
             self._device_tier.allocate(self._layout_for([block]))
         stats = self._stats[t][key]
-        self._make_room(DEVICE, self._device_tier.slot_bytes, leaving=key)
+        self._make_room(DEVICE, self._device_tier.slot_bytes, leaving=key, protected=protected)
         self._device_tier.put(key, block)
         if key in self._where:  # still below, unless room-making dropped it from a self-evicting tier
             self._discard(key)
@@ -308,20 +326,22 @@ class TieredStore:
         self._track(key, DEVICE, self._device_tier.slot_bytes, stats=stats)
         return block
 
-    def _make_room(self, t: int, nbytes: int, leaving: BlockKey | None) -> None:
-        """Demote victims from tier t until `nbytes` fit. `leaving` is about to leave tier t
-        (it counts as free space and is never chosen)."""
+    def _make_room(
+        self, t: int, nbytes: int, leaving: BlockKey | None = None, protected: Collection[BlockKey] = ()
+    ) -> None:
+        """Demote victims from tier t until `nbytes` fit. `leaving` is about to leave its tier (it
+        counts as free space there and is never chosen); `protected` keys are never chosen."""
         tier = self._tiers[t]
         if tier.evicts_itself:
             return
         credit = self._stats[t][leaving].nbytes if leaving in self._stats[t] else 0
         while tier.free_bytes + credit < nbytes:
-            victim = next((k for k in self._policies[t].candidates() if k != leaving), None)
+            victim = next((k for k in self._policies[t].candidates() if k != leaving and k not in protected), None)
             if victim is None:
                 raise RuntimeError(f"the {tier.name} tier cannot make room for {nbytes} bytes")
             self._demote(victim, t, leaving)
 
-    def _demote(self, key: BlockKey, t: int, leaving: BlockKey | None) -> None:
+    def _demote(self, key: BlockKey, t: int, leaving: BlockKey | None = None) -> None:
         """Move `key` from tier t one tier down, or out of the store from the bottom tier.
 
         If the lower tier fails, the block stays where it was and the error propagates.

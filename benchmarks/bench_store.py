@@ -1,0 +1,108 @@
+"""put -> spill -> get through a TieredStore, next to bare tensor.copy_ of the same bytes, in one run.
+
+The device tier holds DEVICE_BLOCKS blocks; the host tier holds all of them. Once the device is
+full, each put copies the new block into a slot and spills the least recently used block to host,
+and each get of a spilled block copies it back into a slot and spills another: two block copies per
+operation. The baseline does those same copies with bare `copy_` (keys and values separately, as
+the store does) between buffers of the same sizes, so the ratio is the store's share of what the
+memory system allows.
+
+    python benchmarks/bench_store.py            # full run
+    python benchmarks/bench_store.py --quick    # fewer blocks, fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from tiered import BlockKey, KVBlock, StoreConfig, TieredStore
+
+BLOCK_TOKENS = 64
+DEVICE_BLOCKS = 64
+SHAPES = [(3, 64), (8, 128)]  # (kv_heads, head_dim): SmolLM2-135M, and a Llama-8B-like layer
+
+
+def make_blocks(count: int, kv_heads: int, head_dim: int) -> list[KVBlock]:
+    generator = torch.Generator().manual_seed(0)
+    # keys, values: [kv_heads, BLOCK_TOKENS, head_dim] fp16
+    shape = (kv_heads, BLOCK_TOKENS, head_dim)
+    return [
+        KVBlock(torch.randn(shape, generator=generator).half(), torch.randn(shape, generator=generator).half())
+        for _ in range(count)
+    ]
+
+
+def time_store(blocks: list[KVBlock], batch: int) -> tuple[float, float]:
+    """Seconds for putting every block, then getting every block back (each spills one)."""
+    block_bytes = blocks[0].nbytes
+    config = StoreConfig(
+        device="cpu", device_bytes=DEVICE_BLOCKS * block_bytes, host_bytes=(len(blocks) + 1) * block_bytes,
+        block_tokens=BLOCK_TOKENS,
+    )
+    keys = [BlockKey("bench", 0, i) for i in range(len(blocks))]
+    with TieredStore(config) as store:
+        store.put_many(zip(keys[:DEVICE_BLOCKS], blocks[:DEVICE_BLOCKS]))  # fill the device first
+        rest = list(zip(keys[DEVICE_BLOCKS:], blocks[DEVICE_BLOCKS:]))
+        start = time.perf_counter()
+        for i in range(0, len(rest), batch):
+            store.put_many(rest[i : i + batch]) if batch > 1 else store.put(*rest[i])
+        put_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(0, len(keys) - DEVICE_BLOCKS, batch):
+            store.get_many(keys[i : i + batch]) if batch > 1 else store.get(keys[i])
+        get_s = time.perf_counter() - start
+        assert store.stats()["tiers"]["host"]["hits"] == len(keys) - DEVICE_BLOCKS
+    return put_s, get_s
+
+
+def time_copies(blocks: list[KVBlock]) -> float:
+    """Seconds for the same two block copies per operation with bare copy_, per phase."""
+    device_k = [torch.empty_like(blocks[0].keys) for _ in range(DEVICE_BLOCKS)]
+    device_v = [torch.empty_like(blocks[0].values) for _ in range(DEVICE_BLOCKS)]
+    host_k = [torch.empty_like(b.keys) for b in blocks]
+    host_v = [torch.empty_like(b.values) for b in blocks]
+    start = time.perf_counter()
+    for i in range(DEVICE_BLOCKS, len(blocks)):
+        slot = i % DEVICE_BLOCKS
+        host_k[i - DEVICE_BLOCKS].copy_(device_k[slot])  # spill the slot's block
+        host_v[i - DEVICE_BLOCKS].copy_(device_v[slot])
+        device_k[slot].copy_(blocks[i].keys)  # copy the new block in
+        device_v[slot].copy_(blocks[i].values)
+    return time.perf_counter() - start
+
+
+def best(fn, repeats: int):
+    return min((fn() for _ in range(repeats)), key=lambda r: r if isinstance(r, float) else sum(r))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--mib", type=int, default=96, help="working set of blocks, MiB")
+    args = parser.parse_args()
+    repeats = 2 if args.quick else 5
+    mib = 24 if args.quick else args.mib
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"{'block':>14} {'KiB':>5} {'batch':>5} {'phase':>5} {'blocks/s':>10} {'GB/s':>7} {'copy_ GB/s':>10} {'ratio':>6}")
+    for kv_heads, head_dim in SHAPES:
+        blocks = make_blocks(max(4 * DEVICE_BLOCKS, (mib << 20) // (4 * kv_heads * BLOCK_TOKENS * head_dim)), kv_heads, head_dim)
+        moved = len(blocks) - DEVICE_BLOCKS
+        nbytes = blocks[0].nbytes
+        copy_s = best(lambda: time_copies(blocks), repeats)
+        copy_gbs = moved * nbytes / copy_s / 1e9
+        for batch in (1, 64):
+            put_s, get_s = best(lambda: time_store(blocks, batch), repeats)
+            for phase, seconds in (("put", put_s), ("get", get_s)):
+                gbs = moved * nbytes / seconds / 1e9
+                print(
+                    f"{kv_heads:>3}x{BLOCK_TOKENS}x{head_dim:<3} fp16 {nbytes >> 10:>5} {batch:>5} {phase:>5} "
+                    f"{moved / seconds:>10.0f} {gbs:>7.2f} {copy_gbs:>10.2f} {gbs / copy_gbs:>6.2f}"
+                )
+
+
+if __name__ == "__main__":
+    main()
