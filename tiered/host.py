@@ -1,6 +1,10 @@
-"""The host tier: encoded blocks in host memory, pinned when a CUDA device is in use.
+"""The host tier: encoded blocks in a pool of host-memory slots, pinned when a CUDA device is in use.
 
-Pinned payloads let device copies run asynchronously; without CUDA, memory is plain.
+Slots are the host codec's size of one full block and are reused, so a spill writes into memory
+that is already mapped (and, with CUDA, pinned: device copies can then run asynchronously). The
+pool grows in chunks up to its capacity, plus one spare slot: while a block is promoted out of a
+full host tier, the device's victim lands in the spare before the promoted block's slot is freed.
+A partial block occupies a whole slot.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from .block import BlockKey
 from .codecs import Encoded
 from .tier import Tier
 
+CHUNK_BYTES = 32 << 20  # the pool grows by about this much at a time
+
 
 class HostTier(Tier):
     name = "host"
@@ -20,32 +26,65 @@ class HostTier(Tier):
     def __init__(self, capacity_bytes: int, pin: bool) -> None:
         self._capacity_bytes = capacity_bytes
         self.pin = pin
-        self._items: dict[BlockKey, Encoded] = {}
-        self._used_bytes = 0
+        self.slot_bytes = 0  # set by allocate()
+        self._max_slots = 0
+        self._chunks: list[torch.Tensor] = []  # each [slots_in_chunk, slot_bytes] uint8
+        self._free: list[torch.Tensor] = []  # free slots, each [slot_bytes] uint8
+        self._items: dict[BlockKey, tuple[Encoded, torch.Tensor]] = {}  # key -> (encoded, its slot)
+
+    def allocate(self, slot_bytes: int) -> None:
+        """Size the pool's slots: the host codec's bytes for one full block. Once, before any put."""
+        if self.slot_bytes:
+            raise RuntimeError("the host tier's slots are already sized")
+        if slot_bytes > self._capacity_bytes:
+            raise ValueError(f"a slot of {slot_bytes} bytes is larger than host_bytes={self._capacity_bytes}")
+        self.slot_bytes = slot_bytes
+        self._max_slots = self._capacity_bytes // slot_bytes
+
+    @property
+    def slots(self) -> int:
+        return self._max_slots
+
+    def landing_buffer(self, nbytes: int) -> torch.Tensor | None:
+        """The buffer the next put will fill, or None when there is no free slot.
+
+        A codec may encode straight into it; put then keeps the payload without copying.
+        """
+        if not self._free and not self._grow():
+            return None
+        return self._free[-1][:nbytes]
 
     def __contains__(self, key: BlockKey) -> bool:
         return key in self._items
 
     def get(self, key: BlockKey) -> Encoded | None:
-        return self._items.get(key)
+        """The stored payload, a view of a slot: valid until the key is removed."""
+        entry = self._items.get(key)
+        return None if entry is None else entry[0]
 
     def put(self, key: BlockKey, item: Encoded) -> list[BlockKey]:
         if key in self._items:
             raise KeyError(f"{key} is already in the host tier")
-        item = item.to(torch.device("cpu"), pin=self.pin)
-        self._items[key] = item
-        self._used_bytes += item.nbytes
+        if item.nbytes > self.slot_bytes:
+            raise ValueError(f"a payload of {item.nbytes} bytes does not fit a {self.slot_bytes}-byte slot")
+        buffer = self.landing_buffer(item.nbytes)
+        if buffer is None:
+            raise RuntimeError("host tier has no free slot; the store must make room first")
+        if buffer.data_ptr() != item.payload.data_ptr():
+            buffer.copy_(item.payload.view(-1))
+        slot = self._free.pop()
+        self._items[key] = (Encoded(item.codec, item.dtype, item.shape, buffer), slot)
         return []
 
     def remove(self, key: BlockKey) -> bool:
-        item = self._items.pop(key, None)
-        if item is None:
+        entry = self._items.pop(key, None)
+        if entry is None:
             return False
-        self._used_bytes -= item.nbytes
+        self._free.append(entry[1])
         return True
 
     def charge(self, item: Encoded) -> int:
-        return item.nbytes
+        return self.slot_bytes
 
     def keys(self) -> Iterator[BlockKey]:
         return iter(list(self._items))
@@ -55,12 +94,28 @@ class HostTier(Tier):
 
     @property
     def used_bytes(self) -> int:
-        return self._used_bytes
+        return len(self._items) * self.slot_bytes
 
     @property
     def capacity_bytes(self) -> int:
         return self._capacity_bytes
 
+    @property
+    def free_bytes(self) -> int:
+        # Whole slots only, allocated or not.
+        return (self._max_slots - len(self._items)) * self.slot_bytes
+
     def close(self) -> None:
         self._items.clear()
-        self._used_bytes = 0
+        self._free.clear()
+        self._chunks.clear()
+
+    def _grow(self) -> bool:
+        allocated = sum(chunk.shape[0] for chunk in self._chunks)
+        count = min(max(1, CHUNK_BYTES // max(self.slot_bytes, 1)), self._max_slots + 1 - allocated)
+        if count <= 0:
+            return False
+        chunk = torch.empty((count, self.slot_bytes), dtype=torch.uint8, pin_memory=self.pin)  # [slots, slot_bytes]
+        self._chunks.append(chunk)
+        self._free.extend(reversed(chunk.unbind(0)))
+        return True

@@ -89,7 +89,7 @@ class TieredStore:
             self._check_open()
             layout = self._layout_for([block for _, block in items])
             if self.layout is None and layout is not None:
-                self._device_tier.allocate(layout)
+                self._allocate(layout)
             for key, block in items:
                 self._put_locked(key, block)
 
@@ -224,6 +224,11 @@ class TieredStore:
             layout.check(block)
         return layout
 
+    def _allocate(self, layout: BlockLayout) -> None:
+        self._device_tier.allocate(layout)
+        shape = (layout.kv_heads, layout.block_tokens, layout.head_dim)
+        self._tiers[1].allocate(self._codecs[1].encoded_nbytes(*shape, layout.dtype))
+
     def _check_fits_tiers(self, layout: BlockLayout) -> None:
         self._device_tier.slots_for(layout)
         shape = (layout.kv_heads, layout.block_tokens, layout.head_dim)
@@ -262,22 +267,18 @@ class TieredStore:
         if t is None:
             self._counters.misses += 1
             return None
-        if t == DEVICE:
-            self._touch(key, DEVICE, step)
-            self._counters.hits += 1
-            self._tier_counters[DEVICE].hits += 1
-            return self._device_tier.get(key).clone()
-        start_s = time.perf_counter()
-        block = self._promote(key, t)
-        self._tier_counters[t].wait_s += time.perf_counter() - start_s
-        if block is None:  # the lower tier could not return it intact: a miss, never wrong data
-            self._counters.misses += 1
-            self._tier_counters[t].misses += 1
-            return None
+        if t != DEVICE:
+            start_s = time.perf_counter()
+            promoted = self._promote(key, t)
+            self._tier_counters[t].wait_s += time.perf_counter() - start_s
+            if not promoted:  # the lower tier could not return it intact: a miss, never wrong data
+                self._counters.misses += 1
+                self._tier_counters[t].misses += 1
+                return None
+        self._touch(key, DEVICE, step)
         self._counters.hits += 1
         self._tier_counters[t].hits += 1
-        self._touch(key, DEVICE, step)
-        return block
+        return self._device_tier.get(key).clone()
 
     def _touch(self, key: BlockKey, t: int, step: int, hit: bool = True) -> None:
         stats = self._stats[t][key]
@@ -297,7 +298,7 @@ class TieredStore:
                 if t is None or key in batch:
                     continue
                 if t != DEVICE:
-                    if self._promote(key, t, protected=batch) is None:
+                    if not self._promote(key, t, protected=batch):
                         continue
                     self._tier_counters[t].prefetched += 1
                     moved += 1
@@ -305,26 +306,26 @@ class TieredStore:
                 batch.add(key)
         return moved
 
-    def _promote(self, key: BlockKey, t: int, protected: Collection[BlockKey] = ()) -> KVBlock | None:
-        """Move `key` from tier t to the device tier; the decoded block, or None if it was unreadable."""
+    def _promote(self, key: BlockKey, t: int, protected: Collection[BlockKey] = ()) -> bool:
+        """Move `key` from tier t to the device tier; False if the tier could not return it intact."""
         tier = self._tiers[t]
         item = tier.get(key)
         if item is None:  # the tier found the record damaged and dropped it
             self._forget([key], t)
-            return None
-        block = self._codecs[t].decode(item, self.device)
+            return False
+        block = self._codecs[t].decode(item, self.device)  # may view tier t's memory until discarded
         if self.layout is None:  # a store reopened over a persistent tier: the first block sets it
-            self._device_tier.allocate(self._layout_for([block]))
+            self._allocate(self._layout_for([block]))
         stats = self._stats[t][key]
         self._make_room(DEVICE, self._device_tier.slot_bytes, leaving=key, protected=protected)
         self._device_tier.put(key, block)
         if key in self._where:  # still below, unless room-making dropped it from a self-evicting tier
             self._discard(key)
         self._tier_counters[t].promotions += 1
-        self._tier_counters[t].bytes_out += tier.charge(item)
+        self._tier_counters[t].bytes_out += item.nbytes
         self._tier_counters[DEVICE].bytes_in += block.nbytes
         self._track(key, DEVICE, self._device_tier.slot_bytes, stats=stats)
-        return block
+        return True
 
     def _make_room(
         self, t: int, nbytes: int, leaving: BlockKey | None = None, protected: Collection[BlockKey] = ()
@@ -352,8 +353,8 @@ class TieredStore:
             self._tier_counters[t].dropped += 1
             return
         item = source.get(key)
-        encoded = self._encode_for(t + 1, item, t)
         target = self._tiers[t + 1]
+        encoded = self._encode_for(t + 1, item, t)
         nbytes = target.charge(encoded)
         self._make_room(t + 1, nbytes, leaving)
         dropped = target.put(key, encoded)
@@ -363,14 +364,18 @@ class TieredStore:
         self._track(key, t + 1, nbytes, stats=stats)
         self._tier_counters[t].evictions += 1
         self._tier_counters[t].bytes_out += item.nbytes
-        self._tier_counters[t + 1].bytes_in += nbytes
+        self._tier_counters[t + 1].bytes_in += encoded.nbytes
         self._forget(dropped, t + 1)
 
     def _encode_for(self, t: int, item: KVBlock | Encoded, source: int) -> Encoded:
-        """`item`, held by tier `source`, in the codec of tier t."""
+        """`item`, held by tier `source`, in the codec of tier t (straight into its memory if it can)."""
         codec = self._codecs[t]
         if isinstance(item, KVBlock):
-            return codec.encode(item)
+            landing = getattr(self._tiers[t], "landing_buffer", None)
+            buffer = None
+            if landing is not None and item.device.type == "cpu":
+                buffer = landing(codec.encoded_nbytes(item.kv_heads, item.tokens, item.head_dim, item.dtype))
+            return codec.encode(item) if buffer is None else codec.encode_into(item, buffer)
         if item.codec == codec.spec:
             return item
         return codec.encode(self._codecs[source].decode(item, "cpu"))

@@ -217,7 +217,7 @@ def test_bad_key_raises_type_error(call):
         (dict(device_bytes=1.5), TypeError, "device_bytes must be int"),
         (dict(device="tpu"), ValueError, "'cpu' or 'cuda"),
         (dict(device=0), TypeError, "device must be str"),
-        (dict(eviction="random"), ValueError, r"valid names: \['fifo', 'lfu', 'lru'"),
+        (dict(eviction="random"), ValueError, r"valid names: \[.*'lfu', 'lru'"),
         (dict(host_codec="zip"), ValueError, r"unknown codec 'zip'; valid names: \[.*'raw'"),
         (dict(eviction_kwargs=[1]), TypeError, "eviction_kwargs must be dict"),
     ],

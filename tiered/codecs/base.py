@@ -62,6 +62,15 @@ class Codec(ABC):
     def encode(self, block: KVBlock) -> Encoded:
         """The block as one payload on the block's device."""
 
+    def encode_into(self, block: KVBlock, out: torch.Tensor) -> Encoded:
+        """encode() with the payload written into `out` ([nbytes] uint8 on the block's device).
+
+        The default encodes then copies; a codec that can write in place overrides it.
+        """
+        encoded = self.encode(block)
+        out.copy_(encoded.payload)
+        return Encoded(encoded.codec, encoded.dtype, encoded.shape, out)
+
     @abstractmethod
     def decode(self, encoded: Encoded, device: torch.device | str) -> KVBlock:
         """The block on `device`. The result may share memory with `encoded.payload`."""

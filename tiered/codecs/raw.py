@@ -18,6 +18,10 @@ class RawCodec(Codec):
         payload = torch.stack((block.keys, block.values)).view(torch.uint8).view(-1)
         return Encoded(self.spec, block.dtype, tuple(block.keys.shape), payload)
 
+    def encode_into(self, block: KVBlock, out: torch.Tensor) -> Encoded:
+        torch.stack((block.keys, block.values), out=out.view(block.dtype).view(2, *block.keys.shape))
+        return Encoded(self.spec, block.dtype, tuple(block.keys.shape), out)
+
     def decode(self, encoded: Encoded, device: torch.device | str) -> KVBlock:
         self.check(encoded)
         keys, values = encoded.payload.to(device).view(encoded.dtype).view(2, *encoded.shape)
