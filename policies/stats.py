@@ -21,6 +21,7 @@ class BlockStats:
     inserted_step: int  # when the block was first put
     tier_step: int  # when the block arrived in its current tier
     last_access_step: int  # when the block was last read (get or prefetch) or put
+    tokens: int = 0  # tokens the block holds (a sequence's last block may be partial)
     hits: int = 0  # reads since it was put
     score: float = 0.0  # importance, higher is more valuable
     key_min: torch.Tensor | None = None

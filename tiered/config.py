@@ -33,6 +33,9 @@ class StoreConfig:
     disk_codec    codec of blocks in the disk tier
     eviction      eviction policy name (see policies.EVICTION), one instance per tier
     block_tokens  tokens per block; the last block of a sequence may hold fewer
+    layers        layer count of the model, or None: with it, the device tier gives each layer an
+                  equal share of its slots, so a sequence's blocks of one layer sit in consecutive
+                  slots that attention reads in place; keys' layers must then be below it
     """
 
     device: str = field(default_factory=default_device)
@@ -45,6 +48,7 @@ class StoreConfig:
     eviction: str = "lru"
     eviction_kwargs: dict[str, Any] = field(default_factory=dict)
     block_tokens: int = 64
+    layers: int | None = None
     prefetch_threads: int = 1
 
     def __post_init__(self) -> None:
@@ -54,6 +58,10 @@ class StoreConfig:
                 raise TypeError(f"StoreConfig.{name} must be int, got {type(value).__name__}")
             if value <= 0:
                 raise ValueError(f"StoreConfig.{name} must be > 0, got {value}")
+        if self.layers is not None and (isinstance(self.layers, bool) or not isinstance(self.layers, int)):
+            raise TypeError(f"StoreConfig.layers must be int or None, got {type(self.layers).__name__}")
+        if self.layers is not None and self.layers <= 0:
+            raise ValueError(f"StoreConfig.layers must be > 0, got {self.layers}")
         if not isinstance(self.device, str):
             raise TypeError(f"StoreConfig.device must be str, got {type(self.device).__name__}")
         try:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Iterable
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
 
 from policies import BlockStats, EvictionPolicy, make_eviction
 
@@ -38,7 +42,7 @@ class TieredStore:
         codecs: list[Codec | None] = [None, make_codec(config.host_codec)]
         policies = [make_eviction(config.eviction, **config.eviction_kwargs) for _ in range(3)]
         tiers: list[Tier] = [
-            DeviceTier(self.device, config.device_bytes),
+            DeviceTier(self.device, config.device_bytes, rooms=config.layers or 1),
             HostTier(config.host_bytes, pin=self.device.type == "cuda"),
         ]
         if config.disk_dir is not None:
@@ -57,7 +61,9 @@ class TieredStore:
         self._executor = ThreadPoolExecutor(config.prefetch_threads, thread_name_prefix="tiered-prefetch")
         for t in range(1, len(tiers)):
             for key in tiers[t].keys():  # blocks a persistent tier kept from an earlier run
-                self._track(key, t, tiers[t].charge(tiers[t].get(key)))
+                item = tiers[t].get(key)
+                if item is not None:
+                    self._track(key, t, tiers[t].charge(item), tokens=item.shape[1])
 
     @staticmethod
     def _open_disk(config: StoreConfig, codec: Codec) -> Tier:
@@ -82,7 +88,7 @@ class TieredStore:
         """put() each (key, block) in order, holding the lock once. Validated before any is stored."""
         items = list(items)
         for key, block in items:
-            _check_key(key)
+            self._check_layer(key)
             if not isinstance(block, KVBlock):
                 raise TypeError(f"expected a KVBlock, got {type(block).__name__}")
         with self._lock:
@@ -122,6 +128,69 @@ class TieredStore:
                 return None
             block = item if t == DEVICE else self._codecs[t].decode(item, "cpu")
             return KVBlock.trusted(block.keys.to("cpu", copy=True), block.values.to("cpu", copy=True))
+
+    def write_tokens(self, key: BlockKey, offset: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write tokens into the block stored under `key`, in place on the device tier.
+
+        keys, values: [kv_heads, n, head_dim] in the store's dtype. The block is promoted first if it
+        is below the device; an absent block is created when `offset` is 0. `offset` may not leave a
+        hole (it is at most the block's tokens) and offset + n may not pass block_tokens.
+        """
+        self._check_layer(key)
+        block = KVBlock(keys, values)  # validates shapes and dtypes
+        with self._lock:
+            self._check_open()
+            t = self._where.get(key)
+            if t is None:
+                if offset != 0:
+                    raise ValueError(f"{key} is not stored; a new block starts at offset 0, not {offset}")
+                self.put(key, block)
+                return
+            layout = self.layout
+            layout.check(block)
+            stored = self._stats[t][key].tokens
+            if not 0 <= offset <= stored or offset + block.tokens > layout.block_tokens:
+                raise ValueError(
+                    f"cannot write {block.tokens} tokens at offset {offset} of {key}: it holds {stored} "
+                    f"tokens and at most block_tokens={layout.block_tokens}"
+                )
+            step = self._tick()
+            if t != DEVICE and not self._promote(key, t):
+                raise KeyError(f"{key} could not be read back from the {self._tiers[t].name} tier")
+            self._device_tier.write_tokens(key, offset, block.keys, block.values)
+            stats = self._stats[DEVICE][key]
+            stats.tokens = max(stored, offset + block.tokens)
+            stats.last_access_step = step
+            self._policies[DEVICE].on_update(key, stats)
+            self._tier_counters[DEVICE].bytes_in += block.nbytes
+
+    @contextmanager
+    def reading(self, keys: Sequence[BlockKey], touch: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of `keys` joined along tokens, in order: two [kv_heads, tokens, head_dim]
+        tensors on the store's device, valid inside the `with` block (the store's lock is held).
+
+        Blocks in consecutive device slots (all full but the last) are read as views of the device
+        pool, without a copy; otherwise the blocks are gathered into new tensors, and blocks below
+        the device are decoded without being moved. Only the last block may be partial. A key that
+        is not stored raises KeyError. Reads count as hits; with `touch` they also count as accesses
+        for the eviction policy.
+        """
+        keys = list(keys)
+        for key in keys:
+            _check_key(key)
+        with self._lock:
+            self._check_open()
+            yield self._read_locked(keys, touch)
+
+    def set_score(self, key: BlockKey, score: float) -> None:
+        """Set the importance score the eviction policy sees for `key` (ignored if absent)."""
+        _check_key(key)
+        with self._lock:
+            t = self._where.get(key)
+            if t is not None:
+                stats = self._stats[t][key]
+                stats.score = float(score)
+                self._policies[t].on_update(key, stats)
 
     def where(self, key: BlockKey) -> str | None:
         """Name of the tier holding `key` ("device", "host", "disk"), or None."""
@@ -209,6 +278,11 @@ class TieredStore:
     def _device_tier(self) -> DeviceTier:
         return self._tiers[DEVICE]
 
+    def _check_layer(self, key: BlockKey) -> None:
+        _check_key(key)
+        if self.config.layers is not None and key.layer >= self.config.layers:
+            raise ValueError(f"{key} has layer {key.layer}; this store has layers={self.config.layers}")
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the store is closed")
@@ -240,6 +314,68 @@ class TieredStore:
                     f"{self._tiers[t].name} tier's capacity of {self._tiers[t].capacity_bytes} bytes"
                 )
 
+    def _read_locked(self, keys: list[BlockKey], touch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self._device_tier
+        layout = self.layout
+        if not keys or layout is None:
+            missing = keys[0] if keys else None
+            if missing is not None:
+                raise KeyError(f"{missing} is not stored")
+            raise ValueError("reading() needs at least one key")
+        tiers, slots, tokens = [], [], []
+        for key in keys:
+            t = self._where.get(key)
+            if t is None:
+                raise KeyError(f"{key} is not stored")
+            tiers.append(t)
+            stats = self._stats[t][key]
+            tokens.append(stats.tokens)
+            slots.append(device.slot_of(key)[0] if t == DEVICE else -1)
+        for t in tiers:
+            self._tier_counters[t].hits += 1
+        if touch:
+            step = self._tick()
+            for key, t in zip(keys, tiers):
+                self._touch(key, t, step)
+        full = layout.block_tokens
+        if any(n != full for n in tokens[:-1]):
+            raise ValueError("only the last block read may be partial")
+        total = full * (len(keys) - 1) + tokens[-1]
+        first = slots[0]
+        if first >= 0 and slots == list(range(first, first + len(slots))):  # one run of device slots
+            # views: [kv_heads, blocks * block_tokens, head_dim], cut to the tokens stored
+            heads, dim = layout.kv_heads, layout.head_dim
+            keys_view = device.keys_pool[:, first : first + len(slots)].reshape(heads, -1, dim)[:, :total]
+            values_view = device.values_pool[:, first : first + len(slots)].reshape(heads, -1, dim)[:, :total]
+            return keys_view, values_view
+        return self._gather(keys, tiers, slots, total)
+
+    def _gather(
+        self, keys: list[BlockKey], tiers: list[int], slots: list[int], total: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layout, device = self.layout, self._device_tier
+        shape = (layout.kv_heads, len(keys), layout.block_tokens, layout.head_dim)
+        # gathered: [kv_heads, blocks, block_tokens, head_dim]
+        out_keys = torch.empty(shape, dtype=layout.dtype, device=self.device)
+        out_values = torch.empty(shape, dtype=layout.dtype, device=self.device)
+        on_device = [i for i, t in enumerate(tiers) if t == DEVICE]
+        if on_device:
+            positions = torch.tensor(on_device, device=self.device)
+            chosen = torch.tensor([slots[i] for i in on_device], device=self.device)
+            out_keys.index_copy_(1, positions, device.keys_pool.index_select(1, chosen))
+            out_values.index_copy_(1, positions, device.values_pool.index_select(1, chosen))
+        for i, (key, t) in enumerate(zip(keys, tiers)):
+            if t != DEVICE:
+                item = self._tiers[t].get(key)
+                if item is None:
+                    self._forget([key], t)
+                    raise KeyError(f"{key} could not be read back from the {self._tiers[t].name} tier")
+                block = self._codecs[t].decode(item, self.device)
+                out_keys[:, i, : block.tokens].copy_(block.keys)
+                out_values[:, i, : block.tokens].copy_(block.values)
+        heads, dim = layout.kv_heads, layout.head_dim
+        return out_keys.view(heads, -1, dim)[:, :total], out_values.view(heads, -1, dim)[:, :total]
+
     def _tick(self) -> int:
         self._step += 1
         return self._step
@@ -250,11 +386,11 @@ class TieredStore:
         if old == DEVICE:
             self._discard(key)
         else:
-            self._make_room(DEVICE, self._device_tier.slot_bytes, leaving=key)
+            self._make_room(DEVICE, self._device_tier.slot_bytes, key, leaving=key)
             if key in self._where:  # an older version in a lower tier, unless room-making dropped it
                 self._discard(key)
         self._device_tier.put(key, block)
-        self._track(key, DEVICE, self._device_tier.slot_bytes, step)
+        self._track(key, DEVICE, self._device_tier.slot_bytes, step, tokens=block.tokens)
         self._counters.puts += 1
         self._tier_counters[DEVICE].bytes_in += block.nbytes
 
@@ -290,12 +426,15 @@ class TieredStore:
         """Promote `keys` in order; the batch's blocks on the device are not evicted by the batch."""
         moved = 0
         batch: set[BlockKey] = set()
+        per_room: Counter[int] = Counter()  # batch blocks on the device, per room
+        device = self._device_tier
         for key in keys:
             with self._lock:
-                if self._closed or (self.layout is not None and len(batch) >= self._device_tier.slots):
+                if self._closed:
                     break
                 t = self._where.get(key)
-                if t is None or key in batch:
+                room = device.room_of(key)
+                if t is None or key in batch or (self.layout is not None and per_room[room] >= device.room_slots):
                     continue
                 if t != DEVICE:
                     if not self._promote(key, t, protected=batch):
@@ -304,6 +443,7 @@ class TieredStore:
                     moved += 1
                 self._touch(key, DEVICE, self._tick(), hit=False)
                 batch.add(key)
+                per_room[room] += 1
         return moved
 
     def _promote(self, key: BlockKey, t: int, protected: Collection[BlockKey] = ()) -> bool:
@@ -317,7 +457,7 @@ class TieredStore:
         if self.layout is None:  # a store reopened over a persistent tier: the first block sets it
             self._allocate(self._layout_for([block]))
         stats = self._stats[t][key]
-        self._make_room(DEVICE, self._device_tier.slot_bytes, leaving=key, protected=protected)
+        self._make_room(DEVICE, self._device_tier.slot_bytes, key, leaving=key, protected=protected)
         self._device_tier.put(key, block)
         if key in self._where:  # still below, unless room-making dropped it from a self-evicting tier
             self._discard(key)
@@ -328,16 +468,34 @@ class TieredStore:
         return True
 
     def _make_room(
-        self, t: int, nbytes: int, leaving: BlockKey | None = None, protected: Collection[BlockKey] = ()
+        self,
+        t: int,
+        nbytes: int,
+        for_key: BlockKey,
+        leaving: BlockKey | None = None,
+        protected: Collection[BlockKey] = (),
     ) -> None:
-        """Demote victims from tier t until `nbytes` fit. `leaving` is about to leave its tier (it
-        counts as free space there and is never chosen); `protected` keys are never chosen."""
+        """Demote victims from tier t until `nbytes` fit in the room `for_key` goes to.
+
+        `leaving` is about to leave its tier (it counts as free space there and is never chosen);
+        `protected` keys are never chosen.
+        """
         tier = self._tiers[t]
         if tier.evicts_itself:
             return
-        credit = self._stats[t][leaving].nbytes if leaving in self._stats[t] else 0
-        while tier.free_bytes + credit < nbytes:
-            victim = next((k for k in self._policies[t].candidates() if k != leaving and k not in protected), None)
+        room = tier.room_of(for_key)
+        credit = 0
+        if leaving in self._stats[t] and tier.room_of(leaving) == room:
+            credit = self._stats[t][leaving].nbytes
+        while tier.free_bytes_for(for_key) + credit < nbytes:
+            victim = next(
+                (
+                    k
+                    for k in self._policies[t].candidates()
+                    if k != leaving and k not in protected and tier.room_of(k) == room
+                ),
+                None,
+            )
             if victim is None:
                 raise RuntimeError(f"the {tier.name} tier cannot make room for {nbytes} bytes")
             self._demote(victim, t, leaving)
@@ -356,7 +514,7 @@ class TieredStore:
         target = self._tiers[t + 1]
         encoded = self._encode_for(t + 1, item, t)
         nbytes = target.charge(encoded)
-        self._make_room(t + 1, nbytes, leaving)
+        self._make_room(t + 1, nbytes, key, leaving)
         dropped = target.put(key, encoded)
         stats = self._stats[t].pop(key)
         self._policies[t].on_remove(key)
@@ -380,11 +538,21 @@ class TieredStore:
             return item
         return codec.encode(self._codecs[source].decode(item, "cpu"))
 
-    def _track(self, key: BlockKey, t: int, nbytes: int, step: int | None = None, stats: BlockStats | None = None) -> BlockStats:
-        """Record that `key` now lives in tier t (the tier already holds it)."""
+    def _track(
+        self,
+        key: BlockKey,
+        t: int,
+        nbytes: int,
+        step: int | None = None,
+        stats: BlockStats | None = None,
+        tokens: int = 0,
+    ) -> BlockStats:
+        """Record that `key` now lives in tier t (the tier already holds it); new stats unless given."""
         step = self._step if step is None else step
         if stats is None:
-            stats = BlockStats(nbytes=nbytes, tier="", inserted_step=step, tier_step=step, last_access_step=step)
+            stats = BlockStats(
+                nbytes=nbytes, tier="", inserted_step=step, tier_step=step, last_access_step=step, tokens=tokens
+            )
         stats.nbytes = nbytes
         stats.tier = self._tiers[t].name
         stats.tier_step = step

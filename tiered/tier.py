@@ -61,6 +61,14 @@ class Tier(ABC):
     def free_bytes(self) -> int:
         return self.capacity_bytes - self.used_bytes
 
+    def room_of(self, key: BlockKey) -> int:
+        """The part of the tier `key` takes room from; blocks in other rooms cannot free it."""
+        return 0
+
+    def free_bytes_for(self, key: BlockKey) -> int:
+        """Capacity free in the room `key` would go to."""
+        return self.free_bytes
+
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
 

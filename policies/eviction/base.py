@@ -47,13 +47,11 @@ class EvictionPolicy(ABC):
             raise KeyError(f"{key} is not tracked by {type(self).__name__}")
         new = self.priority(key, stats)
         if new != old[0]:
-            self.on_remove(key)
+            self._drop(key)
             self._add(key, new)
 
     def on_remove(self, key: Hashable) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None and self._sorted is not None:
-            self._sorted.remove((entry[0], entry[1], key))
+        self._drop(key)
 
     def candidates(self) -> Iterator[Hashable]:
         """Tracked keys, first to leave first. Iterate it before changing the policy again."""
@@ -66,6 +64,11 @@ class EvictionPolicy(ABC):
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
+
+    def _drop(self, key: Hashable) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None and self._sorted is not None:
+            self._sorted.remove((entry[0], entry[1], key))
 
     def _add(self, key: Hashable, priority: Any) -> None:
         self._seq += 1
