@@ -24,6 +24,7 @@ from .codecs import Codec, Encoded, make_codec
 from .config import StoreConfig
 from .counters import StoreCounters, TierCounters
 from .device import DeviceTier
+from .disk import DiskTier
 from .host import HostTier
 from .tier import Tier
 
@@ -61,13 +62,24 @@ class TieredStore:
         self._executor = ThreadPoolExecutor(config.prefetch_threads, thread_name_prefix="tiered-prefetch")
         for t in range(1, len(tiers)):
             for key in tiers[t].keys():  # blocks a persistent tier kept from an earlier run
-                item = tiers[t].get(key)
-                if item is not None:
-                    self._track(key, t, tiers[t].charge(item), tokens=item.shape[1])
+                held = tiers[t].held(key)
+                if held is not None:
+                    self._track(key, t, held[0], tokens=held[1])
 
     @staticmethod
     def _open_disk(config: StoreConfig, codec: Codec) -> Tier:
-        raise ValueError("the disk tier is not available yet; use disk_dir=None")
+        return DiskTier(
+            config.disk_dir,
+            config.disk_bytes,
+            codec=codec.spec,
+            block_tokens=config.block_tokens,
+            fingerprint=config.fingerprint,
+            durability=config.disk_durability,
+            zstd_level=config.disk_zstd_level,
+            zstd_threads=config.disk_zstd_threads,
+            segment_bytes=config.disk_segment_bytes,
+            compact_live_fraction=config.disk_compact_live_fraction,
+        )
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -165,7 +177,9 @@ class TieredStore:
             self._tier_counters[DEVICE].bytes_in += block.nbytes
 
     @contextmanager
-    def reading(self, keys: Sequence[BlockKey], touch: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def reading(
+        self, keys: Sequence[BlockKey], touch: bool = False, limit_tokens: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Keys and values of `keys` joined along tokens, in order: two [kv_heads, tokens, head_dim]
         tensors on the store's device, valid inside the `with` block (the store's lock is held).
 
@@ -173,14 +187,17 @@ class TieredStore:
         pool, without a copy; otherwise the blocks are gathered into new tensors, and blocks below
         the device are decoded without being moved. Only the last block may be partial. A key that
         is not stored raises KeyError. Reads count as hits; with `touch` they also count as accesses
-        for the eviction policy.
+        for the eviction policy. `limit_tokens` cuts the result to that many tokens.
         """
         keys = list(keys)
         for key in keys:
             _check_key(key)
         with self._lock:
             self._check_open()
-            yield self._read_locked(keys, touch)
+            keys_read, values_read = self._read_locked(keys, touch)
+            if limit_tokens is not None:
+                keys_read, values_read = keys_read[:, :limit_tokens], values_read[:, :limit_tokens]
+            yield keys_read, values_read
 
     def set_score(self, key: BlockKey, score: float) -> None:
         """Set the importance score the eviction policy sees for `key` (ignored if absent)."""
@@ -523,7 +540,7 @@ class TieredStore:
         self._tier_counters[t].evictions += 1
         self._tier_counters[t].bytes_out += item.nbytes
         self._tier_counters[t + 1].bytes_in += encoded.nbytes
-        self._forget(dropped, t + 1)
+        self._forget(dropped, t + 1, leaving)
 
     def _encode_for(self, t: int, item: KVBlock | Encoded, source: int) -> Encoded:
         """`item`, held by tier `source`, in the codec of tier t (straight into its memory if it can)."""
@@ -567,14 +584,16 @@ class TieredStore:
         self._policies[t].on_remove(key)
         self._tiers[t].remove(key)
 
-    def _forget(self, keys: Iterable[BlockKey], t: int) -> None:
-        """Keys tier t already dropped on its own: they leave the store."""
+    def _forget(self, keys: Iterable[BlockKey], t: int, leaving: BlockKey | None = None) -> None:
+        """Keys tier t already dropped on its own: they leave the store. `leaving` is on its way up
+        (its block already read out of tier t) or being replaced, so it is not counted as dropped."""
         for key in keys:
             if self._where.get(key) == t:
                 del self._where[key]
                 del self._stats[t][key]
                 self._policies[t].on_remove(key)
-                self._tier_counters[t].dropped += 1
+                if key != leaving:
+                    self._tier_counters[t].dropped += 1
 
 
 def _check_key(key: object) -> None:
