@@ -1,42 +1,120 @@
-"""`tiered run`: the main job. Until the model runtime lands, it walks blocks through the tiers."""
+"""`tiered run`: the main job. A long document, questions about it over several turns, the KV cache
+in a tiered store hosted by a worker on an embedded local Ray instance; then what moved where."""
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+import uuid
+from importlib import resources
+from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from tiered import BlockKey, KVBlock, StoreConfig, TieredStore
+from tiered import CODECS, StoreConfig
+
+QUESTIONS = (
+    "Who is speaking at the start of this text, and what are they about to do?",
+    "Why are the citizens angry with Caius Marcius?",
+    "What does Menenius try to do when he meets the citizens?",
+)
+SYSTEM = "You are a helpful assistant. Answer questions about the document the user gives you, briefly."
 
 
 def register(add_parser, name: str) -> None:
-    parser = add_parser(name, help="run a long multi-turn session on a tiered store")
-    parser.add_argument("--blocks", type=int, default=256, help="blocks to write per turn")
-    parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--device-mib", type=int, default=8)
-    parser.add_argument("--host-mib", type=int, default=32)
+    parser = add_parser(name, help="run a long-context multi-turn session (the main job)",
+                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="registered name, .gguf file or HF directory")
+    parser.add_argument("--document", type=Path, default=None, help="text file (default: the shipped Shakespeare)")
+    parser.add_argument("--context-tokens", type=int, default=2048, help="tokens of the document to read")
+    parser.add_argument("--question", action="append", default=None, help="a question (repeat for more turns)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="prefill chunk size")
+    parser.add_argument("--mode", choices=("exact", "sparse"), default="exact")
+    parser.add_argument("--budget-tokens", type=int, default=None, help="sparse mode: tokens per layer and step")
+    parser.add_argument("--importance", default="quest")
+    parser.add_argument("--prefetch", default="none")
+    parser.add_argument("--eviction", default="lru")
+    parser.add_argument("--device-mib", type=int, default=24, help="device tier capacity")
+    parser.add_argument("--host-mib", type=int, default=16, help="host tier capacity")
+    parser.add_argument("--disk-mib", type=int, default=1024, help="disk tier capacity")
+    parser.add_argument("--disk-dir", type=Path, default=None, help="disk tier directory (default: a temporary one)")
+    parser.add_argument("--host-codec", default="int8" if "int8" in CODECS else "raw", choices=sorted(CODECS))
+    parser.add_argument("--disk-codec", default="int8" if "int8" in CODECS else "raw", choices=sorted(CODECS))
+    parser.add_argument("--no-ray", action="store_true", help="host the session in this process instead of a Ray worker")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    kv_heads, block_tokens, head_dim = 3, 64, 64
-    config = StoreConfig(device_bytes=args.device_mib << 20, host_bytes=args.host_mib << 20, block_tokens=block_tokens)
-    generator = torch.Generator().manual_seed(0)
-    with TieredStore(config) as store:
-        for turn in range(args.turns):
-            start_s = time.perf_counter()
-            for index in tqdm(range(args.blocks), desc=f"turn {turn}: writing blocks", unit="block"):
-                # keys, values: [kv_heads, block_tokens, head_dim]
-                shape = (kv_heads, block_tokens, head_dim)
-                block = KVBlock(torch.randn(shape, generator=generator).half(), torch.randn(shape, generator=generator).half())
-                store.put(BlockKey(f"turn{turn}", 0, index), block)
-            store.prefetch([BlockKey(f"turn{turn}", 0, i) for i in range(args.blocks // 4)]).result()
-            found = sum(store.get(BlockKey(f"turn{t}", 0, 0)) is not None for t in range(turn + 1))
-            print(f"turn {turn}: {args.blocks} blocks in {time.perf_counter() - start_s:.2f} s; "
-                  f"first block of {found}/{turn + 1} turns still stored")
-        for name, tier in store.stats()["tiers"].items():
-            print(f"{name:>6}: {tier['blocks']:5d} blocks, {tier['used_bytes'] >> 20:4d}/{tier['capacity_bytes'] >> 20} MiB, "
-                  f"hits {tier['hits']}, evictions {tier['evictions']}, dropped {tier['dropped']}")
+    document = args.document or Path(str(resources.files("runtime") / "data" / "tinyshakespeare.txt"))
+    questions = args.question or list(QUESTIONS)
+    worker = _start_worker(args)
+    with tempfile.TemporaryDirectory(prefix="tiered-run-") as scratch:
+        config = StoreConfig(
+            device_bytes=args.device_mib << 20, host_bytes=args.host_mib << 20,
+            disk_dir=str(args.disk_dir or Path(scratch) / "kv"), disk_bytes=args.disk_mib << 20,
+            host_codec=args.host_codec, disk_codec=args.disk_codec, eviction=args.eviction,
+        )
+        session_id = uuid.uuid4().hex
+        worker.open(session_id, config, mode=args.mode, budget_tokens=args.budget_tokens,
+                    importance=args.importance, prefetch=args.prefetch)
+        try:
+            _converse(worker, session_id, document, questions, args)
+            _report(worker.stats(session_id))
+        finally:
+            worker.close(session_id)
     return 0
+
+
+def _start_worker(args: argparse.Namespace):
+    if args.no_ray:
+        from ..worker import SessionWorker
+
+        return SessionWorker(args.model)
+    from ..actors import ActorHandle, session_worker_actor, start_local_ray
+
+    print("starting an embedded local Ray instance ...", flush=True)
+    start_local_ray()
+    return ActorHandle(session_worker_actor().remote(args.model))
+
+
+def _converse(worker, session_id: str, document: Path, questions: list[str], args: argparse.Namespace) -> None:
+    text_ids = worker.encode(document.read_text(encoding="utf-8")[: args.context_tokens * 8])[: args.context_tokens]
+    text = worker.decode(text_ids)
+    for turn, question in enumerate(questions):
+        content = f"{text}\n\n{question}" if turn == 0 else question
+        messages = [{"role": "system", "content": SYSTEM}] if turn == 0 else []
+        prompt = worker.chat_tokens(messages + [{"role": "user", "content": content}])
+        if turn > 0:  # the previous answer stopped before its end-of-turn marker: close it first
+            prompt = worker.encode("<|im_end|>\n") + prompt
+        start_s = time.perf_counter()
+        with tqdm(total=len(prompt), desc=f"turn {turn + 1}: reading", unit="tok", leave=False) as bar:
+            for i in range(0, len(prompt), args.chunk_tokens):
+                worker.extend(session_id, prompt[i : i + args.chunk_tokens])
+                bar.update(min(args.chunk_tokens, len(prompt) - i))
+        prefill_s = time.perf_counter() - start_s
+        print(f"\n[turn {turn + 1}] {question}")
+        print("  > ", end="", flush=True)
+        answer: list[int] = []
+        start_s = time.perf_counter()
+        for token in worker.stream(session_id, args.max_new_tokens):
+            answer.append(token)
+            print(worker.decode([token]), end="", flush=True)
+        decode_s = time.perf_counter() - start_s
+        print(f"\n  ({len(prompt)} prompt tokens at {len(prompt) / prefill_s:.0f} tok/s, "
+              f"{len(answer)} answer tokens at {len(answer) / max(decode_s, 1e-9):.1f} tok/s)")
+
+
+def _report(stats: dict) -> None:
+    store = stats["store"]
+    print(f"\nsession: {stats['tokens']} tokens; prefill {stats['prefill_tokens_per_s']:.0f} tok/s, "
+          f"decode {stats['decode_tokens_per_s']:.1f} tok/s")
+    print(f"{'tier':>7} {'blocks':>7} {'used MiB':>9} {'cap MiB':>8} {'in MiB':>8} {'out MiB':>8} "
+          f"{'hits':>8} {'hit rate':>8} {'evicted':>8}")
+    reads = sum(tier["hits"] for tier in store["tiers"].values())
+    for name, tier in store["tiers"].items():
+        rate = tier["hits"] / reads if reads else 0.0
+        print(f"{name:>7} {tier['blocks']:>7} {tier['used_bytes'] / 2**20:>9.1f} {tier['capacity_bytes'] / 2**20:>8.0f} "
+              f"{tier['bytes_in'] / 2**20:>8.1f} {tier['bytes_out'] / 2**20:>8.1f} {tier['hits']:>8} {rate:>8.1%} "
+              f"{tier['evictions']:>8}")

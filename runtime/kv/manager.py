@@ -44,6 +44,7 @@ class KVManager:
     importance     sparse mode: estimator name (policies.IMPORTANCE)
     prefetch       policy name (policies.PREFETCH) planning which blocks to bring up to the device
     sink_blocks, window_blocks   sparse mode: blocks always kept at the start and the end
+    importance_kwargs            sparse mode: arguments of the estimator (quest gets the softmax scale)
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class KVManager:
         prefetch: str = "none",
         sink_blocks: int = 1,
         window_blocks: int = 2,
+        importance_kwargs: dict | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -80,7 +82,12 @@ class KVManager:
         self.lengths = [0] * layers
         self.block_keys: list[list[BlockKey]] = [[] for _ in range(layers)]
         self.summaries = [KeySummaries(kv_heads, head_dim, store.device) for _ in range(layers)]
-        self.estimators = [make_importance(importance, block_tokens=self.block_tokens) for _ in range(layers)]
+        importance_kwargs = dict(importance_kwargs or {})
+        if importance == "quest":  # rank blocks by expected attention share, as softmax(scale * bound)
+            importance_kwargs.setdefault("scale", head_dim**-0.5)
+        self.estimators = [
+            make_importance(importance, block_tokens=self.block_tokens, **importance_kwargs) for _ in range(layers)
+        ]
         self.prefetch_policy = make_prefetch(prefetch)
         self.counters = KVCounters()
         self._score_store = store.config.eviction == "importance"
