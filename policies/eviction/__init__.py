@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import EvictionPolicy
 from .fifo import FIFO
+from .importance import ImportanceEviction
 from .lfu import LFU
 from .lru import LRU
 
@@ -11,6 +12,7 @@ EVICTION: dict[str, type[EvictionPolicy]] = {
     "lru": LRU,
     "lfu": LFU,
     "fifo": FIFO,
+    "importance": ImportanceEviction,
 }
 
 

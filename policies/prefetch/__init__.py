@@ -1,0 +1,30 @@
+"""Prefetch policies by name: `PREFETCH` is the registry, `make_prefetch` the factory."""
+
+from __future__ import annotations
+
+from .base import PrefetchPolicy, PrefetchRequest, PrefetchView
+from .next_layer import NextLayer
+from .none import NoPrefetch
+from .sequential import Sequential
+from .topk import TopK
+
+PREFETCH: dict[str, type[PrefetchPolicy]] = {
+    "none": NoPrefetch,
+    "topk": TopK,
+    "next-layer": NextLayer,
+    "sequential": Sequential,
+}
+
+
+def make_prefetch(name: str, **kwargs) -> PrefetchPolicy:
+    """A new policy registered as `name`; ValueError listing the valid names otherwise."""
+    cls = PREFETCH.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown prefetch policy {name!r}; valid names: {sorted(PREFETCH)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise TypeError(f"bad arguments for prefetch policy {name!r}: {err}") from None
+
+
+__all__ = ["PREFETCH", "PrefetchPolicy", "PrefetchRequest", "PrefetchView", "make_prefetch"]
