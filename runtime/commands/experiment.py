@@ -26,6 +26,9 @@ def register(add_parser, name: str) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", type=Path, metavar="FILE", help="replay this trace file (.npz)")
     source.add_argument("--synthetic", action="store_true", help="draw a synthetic trace, save it, and replay it")
+    source.add_argument(
+        "--capture", action="store_true", help="record a trace from the model on the document, save it, and replay it"
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("out/experiment"), help="directory for results.csv and the plots"
     )
@@ -55,6 +58,9 @@ def register(add_parser, name: str) -> None:
     synthetic.add_argument("--prompt-tokens", type=int, default=SyntheticConfig.prompt_tokens)
     synthetic.add_argument("--steps", type=int, default=SyntheticConfig.steps, help="decode steps")
     synthetic.add_argument("--block-tokens", type=int, default=SyntheticConfig.block_tokens)
+    capture = parser.add_argument_group("captured trace (also --steps, --prompt-tokens and --block-tokens)")
+    capture.add_argument("--model", default="smollm2-135m", help="registered name, .gguf file or HF directory")
+    capture.add_argument("--document", type=Path, default=None, help="text file (default: the shipped Shakespeare)")
     parser.set_defaults(func=main)
 
 
@@ -79,6 +85,10 @@ def main(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         trace_path = save_trace(trace, args.out / "trace.npz")
         print(f"synthetic trace: {trace_path}")
+    elif args.capture:
+        trace = _capture(args)
+        trace_path = save_trace(trace, args.out / "trace.npz")
+        print(f"captured trace: {trace_path}")
     else:
         try:
             trace = load_trace(args.trace)
@@ -105,6 +115,19 @@ def main(args: argparse.Namespace) -> int:
     for path in outputs:
         print(f"wrote {path}")
     return 0
+
+
+def _capture(args: argparse.Namespace):
+    from importlib import resources
+
+    from ..capture import capture_trace
+    from ..model import load_model
+
+    model = load_model(args.model)
+    document = args.document or Path(str(resources.files("runtime") / "data" / "tinyshakespeare.txt"))
+    prompt = model.tokenizer.encode(document.read_text(encoding="utf-8")[: args.prompt_tokens * 8])[: args.prompt_tokens]
+    print(f"capturing {args.steps} decode steps of {args.model} after {len(prompt)} tokens ...", flush=True)
+    return capture_trace(model, prompt, steps=args.steps, block_tokens=args.block_tokens)
 
 
 def _print_tables(rows: list[dict], config: ReplayConfig, focus: str) -> None:
