@@ -69,6 +69,14 @@ class Tier(ABC):
         """Capacity free in the room `key` would go to."""
         return self.free_bytes
 
+    def held(self, key: BlockKey) -> tuple[int, int] | None:
+        """(capacity bytes, tokens) of the Encoded block stored under `key`; None if the tier cannot return it.
+
+        The default reads the item; a tier that knows without reading it (the disk tier) overrides this.
+        """
+        item = self.get(key)
+        return None if item is None else (self.charge(item), item.shape[1])
+
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
 

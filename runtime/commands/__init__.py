@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import run
+from . import experiment, inspect, run
 
 COMMANDS: dict[str, Callable] = {
     "run": run.register,
+    "experiment": experiment.register,
+    "inspect": inspect.register,
 }
