@@ -143,7 +143,7 @@ def test_disk_blocks_are_a_miss_when_damaged(tmp_path):
         for key in keys:
             store.put(key, block_for(key))
         victim = next(k for k in keys if store.where(k) == "disk")
-        name, offset, length = store._tiers[2].record_span(victim)
+        name, offset, length = store._place.tiers[2].record_span(victim)
         with open(directory / name, "r+b") as f:
             f.seek(offset + length - 3)
             byte = f.read(1)

@@ -250,7 +250,7 @@ def test_cuda_round_trip_with_pinned_host_tier():
         store.put_many(originals.items())
         spilled = [k for k in originals if store.where(k) == "host"]
         assert len(spilled) == 4
-        assert all(store._tiers[1].get(k).payload.is_pinned() for k in spilled)
+        assert all(store._place.tiers[1].get(k).payload.is_pinned() for k in spilled)
         for key, original in originals.items():
             got = store.get(key)
             assert got.device.type == "cuda"

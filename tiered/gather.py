@@ -1,0 +1,76 @@
+"""Reading a sequence's blocks joined along tokens: views of the device pool when the blocks sit in
+consecutive slots, a gathered copy otherwise (blocks below the device decoded where they are)."""
+
+from __future__ import annotations
+
+import torch
+
+from .block import BlockKey
+from .placement import DEVICE, Placement
+
+
+def read_joined(placement: Placement, keys: list[BlockKey], touch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of `keys` joined along tokens: two [kv_heads, tokens, head_dim] tensors.
+
+    Only the last block may be partial. A key not stored raises KeyError. Every read counts as a
+    hit of its tier; with `touch`, also as an access for the eviction policy.
+    """
+    layout, device = placement.layout, placement.device_tier
+    if not keys:
+        raise ValueError("reading needs at least one key")
+    tiers, slots, tokens = [], [], []
+    for key in keys:
+        t = placement.where.get(key)
+        if t is None:
+            raise KeyError(f"{key} is not stored")
+        tiers.append(t)
+        tokens.append(placement.stats[t][key].tokens)
+        slots.append(device.slot_of(key)[0] if t == DEVICE else -1)
+    if layout is None:  # a store reopened over its disk tier: the first promotion sets the layout
+        placement.promote(keys[0], tiers[0])
+        return read_joined(placement, keys, touch)
+    full = layout.block_tokens
+    if any(n != full for n in tokens[:-1]):
+        raise ValueError("only the last block read may be partial")
+    for t in tiers:
+        placement.counters[t].hits += 1
+    if touch:
+        step = placement.tick()
+        for key, t in zip(keys, tiers):
+            placement.touch(key, t, step)
+    total = full * (len(keys) - 1) + tokens[-1]
+    first = slots[0]
+    if first >= 0 and slots == list(range(first, first + len(slots))):  # one run of device slots
+        # views: [kv_heads, blocks * block_tokens, head_dim], cut to the tokens stored
+        heads, dim = layout.kv_heads, layout.head_dim
+        keys_view = device.keys_pool[:, first : first + len(slots)].reshape(heads, -1, dim)[:, :total]
+        values_view = device.values_pool[:, first : first + len(slots)].reshape(heads, -1, dim)[:, :total]
+        return keys_view, values_view
+    return _gather(placement, keys, tiers, slots, total)
+
+
+def _gather(
+    placement: Placement, keys: list[BlockKey], tiers: list[int], slots: list[int], total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    layout, device, target = placement.layout, placement.device_tier, placement.device
+    shape = (layout.kv_heads, len(keys), layout.block_tokens, layout.head_dim)
+    # gathered keys, values: [kv_heads, blocks, block_tokens, head_dim]
+    out_keys = torch.empty(shape, dtype=layout.dtype, device=target)
+    out_values = torch.empty(shape, dtype=layout.dtype, device=target)
+    on_device = [i for i, t in enumerate(tiers) if t == DEVICE]
+    if on_device:
+        positions = torch.tensor(on_device, device=target)
+        chosen = torch.tensor([slots[i] for i in on_device], device=target)
+        out_keys.index_copy_(1, positions, device.keys_pool.index_select(1, chosen))
+        out_values.index_copy_(1, positions, device.values_pool.index_select(1, chosen))
+    for i, (key, t) in enumerate(zip(keys, tiers)):
+        if t != DEVICE:
+            item = placement.tiers[t].get(key)
+            if item is None:  # damaged below: a miss, never wrong data
+                placement.forget([key], t)
+                raise KeyError(f"{key} could not be read back from the {placement.tiers[t].name} tier")
+            block = placement.codecs[t].decode(item, target)
+            out_keys[:, i, : block.tokens].copy_(block.keys)
+            out_values[:, i, : block.tokens].copy_(block.values)
+    heads, dim = layout.kv_heads, layout.head_dim
+    return out_keys.view(heads, -1, dim)[:, :total], out_values.view(heads, -1, dim)[:, :total]

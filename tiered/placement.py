@@ -1,0 +1,236 @@
+"""Placement: where every block lives, and the moves between tiers that keep each tier within capacity.
+
+A block lives in exactly one tier. When a tier has no room, its eviction policy names victims,
+which move one tier down through that tier's codec (and leave the store from the bottom tier);
+promotion brings a block up to the device tier. Not thread-safe: TieredStore holds its lock
+around every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+
+import torch
+
+from policies import BlockStats, EvictionPolicy
+
+from .block import BlockKey, BlockLayout, KVBlock
+from .codecs import Codec, Encoded
+from .counters import TierCounters
+from .device import DeviceTier
+from .tier import Tier
+
+DEVICE = 0  # index of the top tier
+
+
+class Placement:
+    """The tiers, top first, with each tier's codec (None for the device) and eviction policy."""
+
+    def __init__(
+        self,
+        tiers: list[Tier],
+        codecs: list[Codec | None],
+        policies: list[EvictionPolicy],
+        device: torch.device,
+        block_tokens: int,
+    ) -> None:
+        self.tiers, self.codecs, self.policies = tiers, codecs, policies
+        self.device, self.block_tokens = device, block_tokens
+        self.stats: list[dict[BlockKey, BlockStats]] = [{} for _ in tiers]  # per tier: what policies see
+        self.where: dict[BlockKey, int] = {}  # key -> index of its tier
+        self.counters = [TierCounters() for _ in tiers]
+        self.step = 0  # the logical clock: one tick per operation
+
+    @property
+    def device_tier(self) -> DeviceTier:
+        return self.tiers[DEVICE]
+
+    @property
+    def layout(self) -> BlockLayout | None:
+        return self.device_tier.layout
+
+    def put(self, key: BlockKey, block: KVBlock) -> None:
+        """Store `block` in the device tier, replacing any earlier block of `key`."""
+        step = self.tick()
+        if self.where.get(key) == DEVICE:
+            self.discard(key)
+        else:
+            self.make_room(DEVICE, self.device_tier.slot_bytes, key, leaving=key)
+            if key in self.where:  # an older version in a lower tier, unless room-making dropped it
+                self.discard(key)
+        self.device_tier.put(key, block)
+        self.track(key, DEVICE, self.device_tier.slot_bytes, step, tokens=block.tokens)
+        self.counters[DEVICE].bytes_in += block.nbytes
+
+    def layout_for(self, blocks: list[KVBlock]) -> BlockLayout | None:
+        """The store's layout, or the one `blocks` set; raise if any block does not fit it."""
+        layout = self.layout
+        if layout is None and blocks:
+            first = blocks[0]
+            layout = BlockLayout(first.kv_heads, self.block_tokens, first.head_dim, first.dtype)
+            self.check_fits_tiers(layout)
+        for block in blocks:
+            layout.check(block)
+        return layout
+
+    def allocate(self, layout: BlockLayout) -> None:
+        """Size the device and host pools for blocks of `layout` (once: the layout never changes)."""
+        self.device_tier.allocate(layout)
+        shape = (layout.kv_heads, layout.block_tokens, layout.head_dim)
+        self.tiers[1].allocate(self.codecs[1].encoded_nbytes(*shape, layout.dtype))
+
+    def check_fits_tiers(self, layout: BlockLayout) -> None:
+        """ValueError unless a full block of `layout` fits every tier."""
+        self.device_tier.slots_for(layout)
+        shape = (layout.kv_heads, layout.block_tokens, layout.head_dim)
+        for t in range(1, len(self.tiers)):
+            nbytes = self.codecs[t].encoded_nbytes(*shape, layout.dtype)
+            if nbytes > self.tiers[t].capacity_bytes:
+                raise ValueError(
+                    f"a block of {nbytes} bytes ({self.codecs[t].spec}) is larger than the "
+                    f"{self.tiers[t].name} tier's capacity of {self.tiers[t].capacity_bytes} bytes"
+                )
+
+    def tick(self) -> int:
+        self.step += 1
+        return self.step
+
+    def touch(self, key: BlockKey, t: int, step: int, hit: bool = True) -> None:
+        """Record a read of `key` (in tier t) at `step`; `hit` counts it in the block's hits."""
+        stats = self.stats[t][key]
+        stats.hits += hit
+        stats.last_access_step = step
+        self.policies[t].on_update(key, stats)
+
+    def promote(self, key: BlockKey, t: int, protected: Collection[BlockKey] = ()) -> bool:
+        """Move `key` from tier t to the device tier; False if the tier could not return it intact."""
+        tier = self.tiers[t]
+        item = tier.get(key)
+        if item is None:  # the tier found the record damaged and dropped it
+            self.forget([key], t)
+            return False
+        block = self.codecs[t].decode(item, self.device)  # may view tier t's memory until discarded
+        if self.layout is None:  # a store reopened over a persistent tier: the first block sets it
+            self.allocate(self.layout_for([block]))
+        stats = self.stats[t][key]
+        self.make_room(DEVICE, self.device_tier.slot_bytes, key, leaving=key, protected=protected)
+        self.device_tier.put(key, block)
+        if key in self.where:  # still below, unless room-making dropped it from a self-evicting tier
+            self.discard(key)
+        self.counters[t].promotions += 1
+        self.counters[t].bytes_out += item.nbytes
+        self.counters[DEVICE].bytes_in += block.nbytes
+        self.track(key, DEVICE, self.device_tier.slot_bytes, stats=stats)
+        return True
+
+    def make_room(
+        self,
+        t: int,
+        nbytes: int,
+        for_key: BlockKey,
+        leaving: BlockKey | None = None,
+        protected: Collection[BlockKey] = (),
+    ) -> None:
+        """Demote victims from tier t until `nbytes` fit in the room `for_key` goes to.
+
+        `leaving` is about to leave its tier (it counts as free space there and is never chosen);
+        `protected` keys are never chosen.
+        """
+        tier = self.tiers[t]
+        if tier.evicts_itself:
+            return
+        room = tier.room_of(for_key)
+        credit = 0
+        if leaving in self.stats[t] and tier.room_of(leaving) == room:
+            credit = self.stats[t][leaving].nbytes
+        while tier.free_bytes_for(for_key) + credit < nbytes:
+            victim = next(
+                (
+                    k
+                    for k in self.policies[t].candidates()
+                    if k != leaving and k not in protected and tier.room_of(k) == room
+                ),
+                None,
+            )
+            if victim is None:
+                raise RuntimeError(f"the {tier.name} tier cannot make room for {nbytes} bytes")
+            self.demote(victim, t, leaving)
+
+    def demote(self, key: BlockKey, t: int, leaving: BlockKey | None = None) -> None:
+        """Move `key` from tier t one tier down, or out of the store from the bottom tier.
+
+        If the lower tier fails, the block stays where it was and the error propagates.
+        """
+        source = self.tiers[t]
+        if t == len(self.tiers) - 1:
+            self.discard(key)
+            self.counters[t].dropped += 1
+            return
+        item = source.get(key)
+        target = self.tiers[t + 1]
+        encoded = self.encode_for(t + 1, item, t)
+        nbytes = target.charge(encoded)
+        self.make_room(t + 1, nbytes, key, leaving)
+        dropped = target.put(key, encoded)
+        stats = self.stats[t].pop(key)
+        self.policies[t].on_remove(key)
+        source.remove(key)
+        self.track(key, t + 1, nbytes, stats=stats)
+        self.counters[t].evictions += 1
+        self.counters[t].bytes_out += item.nbytes
+        self.counters[t + 1].bytes_in += encoded.nbytes
+        self.forget(dropped, t + 1, leaving)
+
+    def encode_for(self, t: int, item: KVBlock | Encoded, source: int) -> Encoded:
+        """`item`, held by tier `source`, in the codec of tier t (straight into its memory if it can)."""
+        codec = self.codecs[t]
+        if isinstance(item, KVBlock):
+            landing = getattr(self.tiers[t], "landing_buffer", None)
+            buffer = None
+            if landing is not None and item.device.type == "cpu":
+                buffer = landing(codec.encoded_nbytes(item.kv_heads, item.tokens, item.head_dim, item.dtype))
+            return codec.encode(item) if buffer is None else codec.encode_into(item, buffer)
+        if item.codec == codec.spec:
+            return item
+        return codec.encode(self.codecs[source].decode(item, "cpu"))
+
+    def track(
+        self,
+        key: BlockKey,
+        t: int,
+        nbytes: int,
+        step: int | None = None,
+        stats: BlockStats | None = None,
+        tokens: int = 0,
+    ) -> BlockStats:
+        """Record that `key` now lives in tier t (the tier already holds it); new stats unless given."""
+        step = self.step if step is None else step
+        if stats is None:
+            stats = BlockStats(
+                nbytes=nbytes, tier="", inserted_step=step, tier_step=step, last_access_step=step, tokens=tokens
+            )
+        stats.nbytes = nbytes
+        stats.tier = self.tiers[t].name
+        stats.tier_step = step
+        self.stats[t][key] = stats
+        self.policies[t].on_insert(key, stats)
+        self.where[key] = t
+        return stats
+
+    def discard(self, key: BlockKey) -> None:
+        """Remove `key` from its tier and forget it."""
+        t = self.where.pop(key)
+        del self.stats[t][key]
+        self.policies[t].on_remove(key)
+        self.tiers[t].remove(key)
+
+    def forget(self, keys: Iterable[BlockKey], t: int, leaving: BlockKey | None = None) -> None:
+        """Keys tier t already dropped on its own: they leave the store. `leaving` is on its way up
+        (its block already read out of tier t) or being replaced, so it is not counted as dropped."""
+        for key in keys:
+            if self.where.get(key) == t:
+                del self.where[key]
+                del self.stats[t][key]
+                self.policies[t].on_remove(key)
+                if key != leaving:
+                    self.counters[t].dropped += 1
