@@ -1,7 +1,9 @@
 """The host tier: encoded blocks in a pool of host-memory slots, pinned when a CUDA device is in use.
 
 Slots are the host codec's size of one full block and are reused, so a spill writes into memory
-that is already mapped (and, with CUDA, pinned: device copies can then run asynchronously). The
+that is already mapped (and, with CUDA, pinned: device copies can then run asynchronously). A
+payload encoded on a CUDA device is copied into its slot on the transfer stream (tiered.transfer)
+and put returns before the copy is done; get and remove wait for it. The
 pool grows in chunks up to its capacity, plus one spare slot: while a block is promoted out of a
 full host tier, the device's victim lands in the spare before the promoted block's slot is freed.
 A partial block occupies a whole slot.
@@ -16,6 +18,7 @@ import torch
 from .block import BlockKey
 from .codecs import Encoded
 from .tier import Tier
+from .transfer import copy_into
 
 CHUNK_BYTES = 32 << 20  # the pool grows by about this much at a time
 
@@ -60,7 +63,7 @@ class HostTier(Tier):
     def get(self, key: BlockKey) -> Encoded | None:
         """The stored payload, a view of a slot: valid until the key is removed."""
         entry = self._items.get(key)
-        return None if entry is None else entry[0]
+        return None if entry is None else entry[0].wait()
 
     def put(self, key: BlockKey, item: Encoded) -> list[BlockKey]:
         if key in self._items:
@@ -70,16 +73,20 @@ class HostTier(Tier):
         buffer = self.landing_buffer(item.nbytes)
         if buffer is None:
             raise RuntimeError("host tier has no free slot; the store must make room first")
+        ready = item.ready  # set when the codec encoded into the slot from a CUDA device
         if buffer.data_ptr() != item.payload.data_ptr():
-            buffer.copy_(item.payload.view(-1))
+            if item.payload.device.type == "cpu":
+                item.wait()
+            ready = copy_into(item.payload.view(-1), buffer)  # from CUDA: asynchronous, on the transfer stream
         slot = self._free.pop()
-        self._items[key] = (Encoded(item.codec, item.dtype, item.shape, buffer), slot)
+        self._items[key] = (Encoded(item.codec, item.dtype, item.shape, buffer, ready), slot)
         return []
 
     def remove(self, key: BlockKey) -> bool:
         entry = self._items.pop(key, None)
         if entry is None:
             return False
+        entry[0].wait()  # a copy still landing in the slot finishes before the slot is reused
         self._free.append(entry[1])
         return True
 

@@ -10,20 +10,21 @@ The last group along an axis holds the remainder when G does not divide it (a pa
 key groups span its T < G tokens). The payload is one contiguous uint8 buffer:
 
     [key mins][key scales][value mins][value scales]   fp16, params; mins only for "int"
-    [key codes][value codes]                           each ⌈H·T·D·bits/8⌉ bytes, bit-packed
+    [key codes][value codes]                           each 2·⌈H·T·D·bits/16⌉ bytes, bit-packed
 
-    nbytes = 2 · P · (H·⌈T/G⌉·D + H·T·⌈D/G⌉) + 2 · ⌈H·T·D·bits/8⌉
+    nbytes = 2 · P · (H·⌈T/G⌉·D + H·T·⌈D/G⌉) + 4 · ⌈H·T·D·bits/16⌉
 
 where P = 2 (min and scale) for the integer codecs and 1 (scale) for fp8. Key params are laid out
 [H, ⌈T/G⌉, D], value params [H, T, ⌈D/G⌉]; codes are the elements of [H, T, D] in row-major order,
-`8/bits` per byte, the first in the lowest bits. Every section has an even size, so the fp16
-params of every payload are 2-byte aligned.
+`8/bits` per byte, the first in the lowest bits, zero bits padding each code section to whole
+16-bit words. Every section has an even size, so payloads laid end to end keep their fp16 params
+2-byte aligned.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 FP16_BYTES = 2
 CODE_BITS = (2, 4, 8)
@@ -63,7 +64,8 @@ class QuantFormat:
         return (1 << self.bits) - 1
 
     def layout(self, kv_heads: int, tokens: int, head_dim: int) -> PayloadLayout:
-        return PayloadLayout(self, kv_heads, tokens, head_dim)
+        """The payload layout of a block of this shape (made once per shape)."""
+        return _layout(self, kv_heads, tokens, head_dim)
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class PayloadLayout:
         h, t, d = self.shape
         key_params = h * self.key_groups * d * FP16_BYTES
         value_params = h * t * self.value_groups * FP16_BYTES
-        code_bytes = ceil_div(h * t * d * self.fmt.bits, 8)
+        code_bytes = 2 * ceil_div(h * t * d * self.fmt.bits, 16)
         names = ["key_min", "key_scale", "value_min", "value_scale", "key_codes", "value_codes"]
         sizes = [key_params, key_params, value_params, value_params, code_bytes, code_bytes]
         if self.fmt.kind == "fp8":
@@ -125,3 +127,8 @@ class PayloadLayout:
         -1 for a section the format lacks (what the fast kernels take)."""
         names = ("key_min", "key_scale", "value_min", "value_scale", "key_codes", "value_codes")
         return [self.sections[n][0] if n in self.sections else -1 for n in names]
+
+
+@lru_cache(maxsize=1024)
+def _layout(fmt: QuantFormat, kv_heads: int, tokens: int, head_dim: int) -> PayloadLayout:
+    return PayloadLayout(fmt, kv_heads, tokens, head_dim)

@@ -24,7 +24,7 @@ class RawCodec(Codec):
 
     def decode(self, encoded: Encoded, device: torch.device | str) -> KVBlock:
         self.check(encoded)
-        keys, values = encoded.payload.to(device).view(encoded.dtype).view(2, *encoded.shape)
+        keys, values = encoded.to(device).payload.view(encoded.dtype).view(2, *encoded.shape)
         return KVBlock.trusted(keys, values)
 
     def encoded_nbytes(self, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:

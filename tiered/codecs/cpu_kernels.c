@@ -1,0 +1,520 @@
+/* Fused CPU kernels of the quantizing codecs: the same bytes as reference.py. Each group is read
+ * twice while it is in cache (its min and max, then its codes); nothing block-sized is allocated.
+ *
+ * Built by cpu_kernels.py with gcc -O3 -march=native -ffp-contract=off. No fast-math: every step is
+ * the IEEE fp32 operation reference.py performs, in the same order. Work goes LANES elements at a
+ * time as gcc vectors (vf, vi), which gcc maps onto the machine's SIMD registers; fp16 conversions
+ * use the F16C/AVX-512 instructions where the CPU has them (gcc 12 does not vectorize _Float16) and
+ * exact integer arithmetic elsewhere (-DTIERED_PORTABLE forces that path).
+ *
+ * A batch is n blocks of one shape [H, T, D] and dtype. The channel axis D of every tensor is
+ * contiguous; heads and tokens have element strides. offs[6] are the payload's byte offsets of
+ * key_min, key_scale, value_min, value_scale, key_codes, value_codes (-1: no mins, fp8).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if !defined(TIERED_PORTABLE) && (defined(__AVX512F__) || defined(__F16C__))
+#include <immintrin.h>
+#endif
+
+enum { DT_F16 = 0, DT_BF16 = 1, DT_F32 = 2 };
+enum { KIND_INT = 0, KIND_FP8 = 1 };
+#define LANES 16
+#define FP8_MAX 448.0f
+#define INLINE static inline __attribute__((always_inline))
+
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vh __attribute__((vector_size(LANES * 2))); /* fp16 or bf16 bits */
+typedef uint8_t vb __attribute__((vector_size(LANES)));
+
+#define LANE_INDEX ((vi){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
+
+INLINE vf splat(float x) { return (vf){0} + x; }
+INLINE vu usplat(uint32_t x) { return (vu){0} + x; }
+INLINE vf fselect(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+INLINE vu uselect(vi mask, vu a, vu b) { return ((vu)mask & a) | (~(vu)mask & b); }
+/* a < b ? a : b and a > b ? a : b, per lane: exactly what x86's minps and maxps compute. */
+INLINE vf vmin(vf a, vf b) {
+#if !defined(TIERED_PORTABLE) && defined(__AVX512F__) /* gcc 12 makes 3 instructions of the select */
+    return (vf)_mm512_min_ps((__m512)a, (__m512)b);
+#else
+    return fselect(a < b, a, b);
+#endif
+}
+INLINE vf vmax(vf a, vf b) {
+#if !defined(TIERED_PORTABLE) && defined(__AVX512F__)
+    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+    return fselect(a > b, a, b);
+#endif
+}
+INLINE vf vabs(vf x) { return (vf)((vu)x & 0x7FFFFFFFu); }
+INLINE vi nonfinite(vf x) { return ((vu)x & 0x7F800000u) == 0x7F800000u; } /* inf or NaN */
+
+/* fp16 bits -> fp32, exact. */
+INLINE vf f16_to_f32(vh h) {
+#if !defined(TIERED_PORTABLE) && defined(__AVX512F__)
+    __m256i bits;
+    memcpy(&bits, &h, sizeof bits);
+    return (vf)_mm512_cvtph_ps(bits);
+#elif !defined(TIERED_PORTABLE) && defined(__F16C__)
+    __m128i lo, hi;
+    memcpy(&lo, &h, 16), memcpy(&hi, (const char *)&h + 16, 16);
+    __m256 out[2] = {_mm256_cvtph_ps(lo), _mm256_cvtph_ps(hi)};
+    vf x;
+    memcpy(&x, out, sizeof x);
+    return x;
+#else
+    vu u = __builtin_convertvector(h, vu), sign = (u & 0x8000u) << 16, em = u & 0x7FFFu;
+    vi infnan = em >= 0x7C00u, subnormal = em < 0x0400u;
+    /* rebias the exponent from 15 to 127; inf and NaN go from 31 to 255 */
+    vu normal = (em << 13) + (112u << 23) + ((vu)infnan & (112u << 23));
+    vu tiny = (vu)(__builtin_convertvector(em, vf) * 0x1p-24f); /* subnormals and zero: exact */
+    return (vf)(sign | uselect(subnormal, tiny, normal));
+#endif
+}
+
+/* fp32 -> fp16 bits, round to nearest even (overflow to inf), as torch does. */
+INLINE vh f32_to_f16(vf x) {
+#if !defined(TIERED_PORTABLE) && defined(__AVX512F__)
+    __m256i bits = _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vh h;
+    memcpy(&h, &bits, sizeof h);
+    return h;
+#elif !defined(TIERED_PORTABLE) && defined(__F16C__)
+    __m256 in[2];
+    memcpy(in, &x, sizeof x);
+    __m128i out[2] = {_mm256_cvtps_ph(in[0], _MM_FROUND_TO_NEAREST_INT), _mm256_cvtps_ph(in[1], _MM_FROUND_TO_NEAREST_INT)};
+    vh h;
+    memcpy(&h, out, sizeof h);
+    return h;
+#else
+    vu u = (vu)x, sign = (u >> 16) & 0x8000u;
+    u &= 0x7FFFFFFFu;
+    vu normal = (u + 0xFFFu + ((u >> 13) & 1u) - (112u << 23)) >> 13; /* a carry may reach inf */
+    /* below 2^-14: adding 0.5 leaves a unit of 2^-24 in the last place, so the FPU rounds */
+    vu tiny = (vu)((vf)u + 0.5f) - 0x3F000000u;
+    vu big = 0x7C00u | ((vu)(u > 0x7F800000u) & 0x200u); /* inf for |x| >= 65520, or NaN */
+    vu h = uselect(u >= 0x47800000u, big, uselect(u >= 0x38800000u, normal, tiny));
+    return __builtin_convertvector(sign | h, vh);
+#endif
+}
+
+/* fp32 -> bf16 bits, round to nearest even (finite inputs), as torch does. */
+INLINE vh f32_to_bf16(vf x) {
+    vu u = (vu)x;
+    return __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, vh);
+}
+
+/* fp32 (|y| <= 448) -> e4m3fn bits, round to nearest even: torch's float8_e4m3fn conversion. */
+INLINE vu f32_to_e4m3(vf y) {
+    vu u = (vu)y, sign = (u >> 24) & 0x80u;
+    u &= 0x7FFFFFFFu;
+    /* normal: keep 3 mantissa bits (nearest even), rebias the exponent from 127 to 7 */
+    vu normal = ((u + 0x7FFFFu + ((u >> 20) & 1u)) >> 20) - (120u << 3);
+    /* subnormal (< 2^-6): adding 2^14 leaves a unit of 2^-9 in the last place, so the FPU rounds */
+    vu subnormal = (vu)((vf)u + 16384.0f) - 0x46800000u;
+    return sign | uselect(u >= 0x3C800000u, normal, subnormal);
+}
+
+INLINE vf e4m3_to_f32(vu c) {
+    vu e = (c >> 3) & 15u, m = c & 7u;
+    vu normal = ((e + 120u) << 23) | (m << 20);
+    vu tiny = (vu)(__builtin_convertvector(m, vf) * (1.0f / 512.0f));
+    vu mag = uselect((c & 0x7Fu) == 0x7Fu, usplat(0x7FC00000u), uselect(e == 0u, tiny, normal));
+    return (vf)(((c & 0x80u) << 24) | mag);
+}
+
+/* n <= LANES elements of a row -> fp32. A short read repeats the first element, which leaves
+ * every min and max unchanged. */
+INLINE vf load(const void *src, int64_t n, const int dtype) {
+    size_t esize = dtype == DT_F32 ? 4 : 2;
+    char buf[LANES * 4];
+    if (n < LANES) {
+        memcpy(buf, src, (size_t)n * esize);
+        for (int64_t k = n; k < LANES; k++) memcpy(buf + k * esize, src, esize);
+        src = buf;
+    }
+    vh h;
+    vf x;
+    if (dtype == DT_F32) {
+        memcpy(&x, src, sizeof x);
+        return x;
+    }
+    memcpy(&h, src, sizeof h);
+    return dtype == DT_F16 ? f16_to_f32(h) : (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+INLINE void store(void *dst, vf x, int64_t n, const int dtype) {
+    size_t esize = dtype == DT_F32 ? 4 : 2;
+    vh h;
+    if (dtype == DT_F16) h = f32_to_f16(x);
+    if (dtype == DT_BF16) h = f32_to_bf16(x);
+    const void *src = dtype == DT_F32 ? (const void *)&x : (const void *)&h;
+    if (n == LANES) /* a constant size: one vector store */
+        memcpy(dst, src, LANES * esize);
+    else
+        memcpy(dst, src, (size_t)n * esize);
+}
+
+INLINE vu load_codes(const uint8_t *src, int64_t n) {
+    vb b = {0};
+    if (n == LANES)
+        memcpy(&b, src, LANES);
+    else
+        memcpy(&b, src, (size_t)n);
+#if !defined(TIERED_PORTABLE) && defined(__AVX512F__) /* gcc 12 widens bytes one by one */
+    __m128i bytes;
+    memcpy(&bytes, &b, sizeof bytes);
+    return (vu)_mm512_cvtepu8_epi32(bytes);
+#else
+    return __builtin_convertvector(b, vu);
+#endif
+}
+
+INLINE void store_codes(uint8_t *dst, vu codes, int64_t n) {
+#if !defined(TIERED_PORTABLE) && defined(__AVX512F__)
+    __m128i bytes = _mm512_cvtepi32_epi8((__m512i)codes);
+    if (n == LANES) {
+        _mm_storeu_si128((__m128i *)dst, bytes);
+        return;
+    }
+    vb b;
+    memcpy(&b, &bytes, sizeof b);
+#else
+    vb b = __builtin_convertvector(codes, vb);
+#endif
+    if (n == LANES)
+        memcpy(dst, &b, LANES);
+    else
+        memcpy(dst, &b, (size_t)n);
+}
+
+/* Group params from reductions (lo = min, hi = max; or hi = max |x| for fp8). Stores the fp16
+ * min (int) and scale; returns min32/inv32 for the codes and a mask of params that do not fit. */
+typedef struct {
+    vf min32, inv32;
+    vi bad;
+} Params;
+
+INLINE Params make_params(const int kind, float qmax, vf lo, vf hi, uint16_t *min16, uint16_t *scale16, int64_t n) {
+    Params p = {splat(0.0f), splat(0.0f), (vi){0}};
+    vh scale_bits;
+    if (kind == KIND_INT) {
+        vh min_bits = f32_to_f16(lo + 0.0f);
+        p.min32 = f16_to_f32(min_bits);
+        vf span = hi - p.min32;
+        scale_bits = f32_to_f16(fselect(span > 0.0f, span, splat(0.0f)) / qmax);
+        memcpy(min16, &min_bits, (size_t)n * 2);
+    } else {
+        scale_bits = f32_to_f16(hi / FP8_MAX);
+    }
+    memcpy(scale16, &scale_bits, (size_t)n * 2);
+    vf scale = f16_to_f32(scale_bits);
+    p.inv32 = fselect(scale > 0.0f, 1.0f / scale, splat(0.0f));
+    p.bad = nonfinite(p.min32) | nonfinite(scale);
+    return p;
+}
+
+INLINE vu make_codes(const int kind, float qmax, vf x, vf min32, vf inv32) {
+    if (kind == KIND_INT) {
+        vf y = vmin(vmax((x - min32) * inv32, splat(0.0f)), splat(qmax));
+        return __builtin_convertvector(y + 0.5f, vu); /* truncates */
+    }
+    return f32_to_e4m3(vmax(vmin(x * inv32, splat(FP8_MAX)), splat(-FP8_MAX)));
+}
+
+INLINE vf decode_codes(const int kind, vu codes, vf min32, vf scale32) {
+    return kind == KIND_INT ? min32 + __builtin_convertvector(codes, vf) * scale32 : e4m3_to_f32(codes) * scale32;
+}
+
+INLINE int any(vi mask) {
+    int32_t acc = 0;
+    for (int k = 0; k < LANES; k++) acc |= mask[k];
+    return acc != 0;
+}
+
+/* codes [count] -> packed bytes (bits < 8), zero-padded to `nbytes`. Each 32-bit word of codes
+ * (little-endian: the first code in the low byte) packs to one byte (int2) or two (int4). */
+static void pack(const uint8_t *restrict codes, int64_t count, int bits, uint8_t *restrict out, int64_t nbytes) {
+    int64_t words = count / 4;
+    for (int64_t i = 0; i < words; i++) {
+        uint32_t w;
+        memcpy(&w, codes + 4 * i, 4);
+        if (bits == 2) {
+            out[i] = (uint8_t)((w & 0x3u) | ((w >> 6) & 0xCu) | ((w >> 12) & 0x30u) | ((w >> 18) & 0xC0u));
+        } else {
+            uint16_t h = (uint16_t)((w & 0xFu) | ((w >> 4) & 0xF0u) | ((w >> 8) & 0xF00u) | ((w >> 12) & 0xF000u));
+            memcpy(out + 2 * i, &h, 2);
+        }
+    }
+    int64_t done = words * bits / 2; /* bytes written */
+    memset(out + done, 0, (size_t)(nbytes - done));
+    for (int64_t j = words * 4; j < count; j++) out[j * bits / 8] |= (uint8_t)(codes[j] << (j * bits % 8));
+}
+
+static void unpack(const uint8_t *restrict packed, int64_t count, int bits, uint8_t *restrict codes) {
+    int64_t words = count / 4;
+    for (int64_t i = 0; i < words; i++) {
+        uint32_t w;
+        if (bits == 2) {
+            uint32_t b = packed[i];
+            w = (b & 0x3u) | ((b & 0xCu) << 6) | ((b & 0x30u) << 12) | ((b & 0xC0u) << 18);
+        } else {
+            uint16_t h16;
+            memcpy(&h16, packed + 2 * i, 2);
+            uint32_t h = h16;
+            w = (h & 0xFu) | ((h & 0xF0u) << 4) | ((h & 0xF00u) << 8) | ((h & 0xF000u) << 12);
+        }
+        memcpy(codes + 4 * i, &w, 4);
+    }
+    for (int64_t j = words * 4; j < count; j++) codes[j] = (packed[j * bits / 8] >> (j * bits % 8)) & ((1u << bits) - 1u);
+}
+
+typedef struct {
+    int64_t H, T, D, G, offs[6];
+    int bits;
+    float qmax;
+    float *lo, *hi, *min32, *inv32; /* [T·⌈D/G⌉ + LANES] each: one head's value groups */
+    uint8_t *codes;                 /* [H·T·D] unpacked codes, for bits < 8 */
+} Ctx;
+
+static int ctx_init(Ctx *c, int64_t H, int64_t T, int64_t D, int bits, int64_t group, const int64_t *offs) {
+    c->H = H, c->T = T, c->D = D, c->G = group, c->bits = bits;
+    c->qmax = (float)((1 << bits) - 1);
+    memcpy(c->offs, offs, sizeof c->offs);
+    int64_t n = T * ((D + group - 1) / group) + LANES;
+    c->lo = malloc(sizeof(float) * (size_t)(4 * n));
+    c->codes = bits < 8 ? malloc((size_t)(H * T * D)) : NULL;
+    if (c->lo) c->hi = c->lo + n, c->min32 = c->hi + n, c->inv32 = c->min32 + n;
+    return c->lo == NULL || (bits < 8 && c->codes == NULL);
+}
+
+static void ctx_free(Ctx *c) { free(c->lo), free(c->codes); }
+
+INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* Keys: a group is up to G tokens of one channel; LANES channels at a time. Returns nonzero on
+ * a value that cannot be encoded. */
+INLINE int encode_keys(Ctx *c, const int kind, const int dtype, const char *src, int64_t sh, int64_t st,
+                       uint8_t *payload, uint8_t *codes) {
+    int64_t H = c->H, T = c->T, D = c->D, G = c->G, esize = dtype == DT_F32 ? 4 : 2, ng = (T + G - 1) / G;
+    uint16_t *mins = kind == KIND_INT ? (uint16_t *)(payload + c->offs[0]) : NULL;
+    uint16_t *scales = (uint16_t *)(payload + c->offs[1]);
+    vi bad = {0};
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t t0 = g * G, len = min64(G, T - t0);
+            const char *rows = src + (h * sh + t0 * st) * esize;
+            for (int64_t d = 0; d < D; d += LANES) {
+                int64_t n = min64(LANES, D - d);
+                vf lo = load(rows + d * esize, n, dtype), hi = kind == KIND_INT ? lo : vabs(lo);
+                bad |= nonfinite(lo);
+                for (int64_t r = 1; r < len; r++) {
+                    vf x = load(rows + (r * st + d) * esize, n, dtype);
+                    bad |= nonfinite(x);
+                    if (kind == KIND_INT) lo = vmin(x, lo);
+                    hi = vmax(kind == KIND_INT ? x : vabs(x), hi);
+                }
+                int64_t p = (h * ng + g) * D + d;
+                Params q = make_params(kind, c->qmax, lo, hi, mins ? mins + p : NULL, scales + p, n);
+                bad |= q.bad;
+                for (int64_t r = 0; r < len; r++) {
+                    vf x = load(rows + (r * st + d) * esize, n, dtype);
+                    store_codes(codes + (h * T + t0 + r) * D + d, make_codes(kind, c->qmax, x, q.min32, q.inv32), n);
+                }
+            }
+        }
+    }
+    return any(bad);
+}
+
+/* Values: a group is up to G channels of one token. Reductions for a head's rows, then their
+ * params LANES groups at a time, then the codes. Returns nonzero on a bad value. */
+INLINE int encode_values(Ctx *c, const int kind, const int dtype, const char *src, int64_t sh, int64_t st,
+                         uint8_t *payload, uint8_t *codes) {
+    int64_t H = c->H, T = c->T, D = c->D, G = c->G, esize = dtype == DT_F32 ? 4 : 2, ng = (D + G - 1) / G;
+    float *lo = c->lo, *hi = c->hi, *min32 = c->min32, *inv32 = c->inv32;
+    vi bad = {0};
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t t = 0; t < T; t++) {
+            const char *row = src + (h * sh + t * st) * esize;
+            for (int64_t g = 0; g < ng; g++) {
+                int64_t d0 = g * G, end = min64(D, d0 + G);
+                vf l = load(row + d0 * esize, min64(LANES, end - d0), dtype), u = kind == KIND_INT ? l : vabs(l);
+                bad |= nonfinite(l);
+                for (int64_t d = d0 + LANES; d < end; d += LANES) {
+                    vf x = load(row + d * esize, min64(LANES, end - d), dtype);
+                    bad |= nonfinite(x);
+                    if (kind == KIND_INT) l = vmin(x, l);
+                    u = vmax(kind == KIND_INT ? x : vabs(x), u);
+                }
+                for (int w = LANES / 2; w > 0; w /= 2) { /* butterfly: every lane ends with the result */
+                    vi swap = LANE_INDEX ^ w;
+                    l = vmin(__builtin_shuffle(l, swap), l);
+                    u = vmax(__builtin_shuffle(u, swap), u);
+                }
+                lo[t * ng + g] = l[0], hi[t * ng + g] = u[0];
+            }
+        }
+        uint16_t *mins = kind == KIND_INT ? (uint16_t *)(payload + c->offs[2]) + h * T * ng : NULL;
+        uint16_t *scales = (uint16_t *)(payload + c->offs[3]) + h * T * ng;
+        for (int64_t i = 0; i < T * ng; i += LANES) {
+            int64_t n = min64(LANES, T * ng - i);
+            Params q = make_params(kind, c->qmax, load(lo + i, n, DT_F32), load(hi + i, n, DT_F32),
+                                   mins ? mins + i : NULL, scales + i, n);
+            bad |= q.bad;
+            memcpy(min32 + i, &q.min32, sizeof q.min32), memcpy(inv32 + i, &q.inv32, sizeof q.inv32);
+        }
+        for (int64_t t = 0; t < T; t++) {
+            const char *row = src + (h * sh + t * st) * esize;
+            uint8_t *out = codes + (h * T + t) * D;
+            for (int64_t g = 0; g < ng; g++) {
+                vf m = splat(min32[t * ng + g]), inv = splat(inv32[t * ng + g]);
+                for (int64_t d = g * G, end = min64(D, d + G); d < end; d += LANES) {
+                    int64_t n = min64(LANES, end - d);
+                    store_codes(out + d, make_codes(kind, c->qmax, load(row + d * esize, n, dtype), m, inv), n);
+                }
+            }
+        }
+    }
+    return any(bad);
+}
+
+INLINE void decode_keys(Ctx *c, const int kind, const int dtype, const uint8_t *payload, const uint8_t *codes,
+                        char *dst, int64_t sh, int64_t st) {
+    int64_t H = c->H, T = c->T, D = c->D, G = c->G, esize = dtype == DT_F32 ? 4 : 2, ng = (T + G - 1) / G;
+    const uint16_t *mins = kind == KIND_INT ? (const uint16_t *)(payload + c->offs[0]) : NULL;
+    const uint16_t *scales = (const uint16_t *)(payload + c->offs[1]);
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t t0 = g * G, len = min64(G, T - t0);
+            for (int64_t d = 0; d < D; d += LANES) {
+                int64_t n = min64(LANES, D - d), p = (h * ng + g) * D + d;
+                vf m = kind == KIND_INT ? load(mins + p, n, DT_F16) : splat(0.0f), s = load(scales + p, n, DT_F16);
+                for (int64_t r = 0; r < len; r++) {
+                    vf y = decode_codes(kind, load_codes(codes + (h * T + t0 + r) * D + d, n), m, s);
+                    store(dst + (h * sh + (t0 + r) * st + d) * esize, y, n, dtype);
+                }
+            }
+        }
+    }
+}
+
+INLINE void decode_values(Ctx *c, const int kind, const int dtype, const uint8_t *payload, const uint8_t *codes,
+                          char *dst, int64_t sh, int64_t st) {
+    int64_t H = c->H, T = c->T, D = c->D, G = c->G, esize = dtype == DT_F32 ? 4 : 2, ng = (D + G - 1) / G;
+    const uint16_t *mins = kind == KIND_INT ? (const uint16_t *)(payload + c->offs[2]) : NULL;
+    const uint16_t *scales = (const uint16_t *)(payload + c->offs[3]);
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t t = 0; t < T; t++) {
+            const uint8_t *code = codes + (h * T + t) * D;
+            char *row = dst + (h * sh + t * st) * esize;
+            for (int64_t g = 0; g < ng; g++) {
+                int64_t p = (h * T + t) * ng + g;
+                vf m = splat(kind == KIND_INT ? f16_to_f32((vh){mins[p]})[0] : 0.0f);
+                vf s = splat(f16_to_f32((vh){scales[p]})[0]);
+                for (int64_t d = g * G, end = min64(D, d + G); d < end; d += LANES) {
+                    int64_t k = min64(LANES, end - d);
+                    store(row + d * esize, decode_codes(kind, load_codes(code + d, k), m, s), k, dtype);
+                }
+            }
+        }
+    }
+}
+
+/* One block each: the bodies the dispatchers below specialize for every (kind, dtype). */
+INLINE int encode_one(Ctx *c, const int kind, const int dtype, const char *keys, const char *values,
+                      const int64_t *s, uint8_t *payload) {
+    int64_t count = c->H * c->T * c->D, nbytes = c->offs[5] - c->offs[4];
+    int bad = 0;
+    for (int part = 0; part < 2; part++) {
+        uint8_t *section = payload + c->offs[4 + part], *codes = c->bits < 8 ? c->codes : section;
+        bad |= part == 0 ? encode_keys(c, kind, dtype, keys, s[0], s[1], payload, codes)
+                         : encode_values(c, kind, dtype, values, s[2], s[3], payload, codes);
+        if (c->bits < 8)
+            pack(c->codes, count, c->bits, section, nbytes);
+        else /* zero the padding to whole 16-bit words */
+            memset(section + count, 0, (size_t)(nbytes - count));
+    }
+    return bad;
+}
+
+INLINE void decode_one(Ctx *c, const int kind, const int dtype, const uint8_t *payload, char *keys, char *values,
+                       const int64_t *s) {
+    int64_t count = c->H * c->T * c->D;
+    for (int part = 0; part < 2; part++) {
+        const uint8_t *codes = payload + c->offs[4 + part];
+        if (c->bits < 8) unpack(codes, count, c->bits, c->codes), codes = c->codes;
+        if (part == 0)
+            decode_keys(c, kind, dtype, payload, codes, keys, s[0], s[1]);
+        else
+            decode_values(c, kind, dtype, payload, codes, values, s[2], s[3]);
+    }
+}
+
+#define DISPATCH(CALL)                                                                                             \
+    switch (kind * 3 + dtype) {                                                                                    \
+    case 0: CALL(KIND_INT, DT_F16); break;                                                                         \
+    case 1: CALL(KIND_INT, DT_BF16); break;                                                                        \
+    case 2: CALL(KIND_INT, DT_F32); break;                                                                         \
+    case 3: CALL(KIND_FP8, DT_F16); break;                                                                         \
+    case 4: CALL(KIND_FP8, DT_BF16); break;                                                                        \
+    default: CALL(KIND_FP8, DT_F32); break;                                                                        \
+    }
+
+/* Any fp16 param not finite? (decode's check of a payload it did not write) */
+static int params_bad(const uint8_t *payload, int64_t offset, int64_t count) {
+    if (offset < 0) return 0;
+    const uint16_t *p = (const uint16_t *)(payload + offset);
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < count; i++) bad |= (p[i] & 0x7C00u) == 0x7C00u;
+    return bad != 0;
+}
+
+/* Encode blocks [begin, end). keys, values, payloads: [n] addresses; strides: [n][4] element
+ * strides of (key head, key token, value head, value token). Returns 0, 1 + the first block that
+ * cannot be encoded, or -1 (no memory). */
+int64_t tiered_encode(int64_t begin, int64_t end, const int64_t *keys, const int64_t *values, const int64_t *payloads,
+                      const int64_t *strides, int64_t H, int64_t T, int64_t D, int dtype, int kind, int bits,
+                      int64_t group, const int64_t *offs) {
+    Ctx c;
+    if (ctx_init(&c, H, T, D, bits, group, offs)) return ctx_free(&c), -1;
+    int64_t result = 0;
+    for (int64_t i = begin; i < end && !result; i++) {
+        int bad;
+#define ENCODE(K, DT)                                                                                              \
+    bad = encode_one(&c, K, DT, (const char *)keys[i], (const char *)values[i], strides + 4 * i, (uint8_t *)payloads[i])
+        DISPATCH(ENCODE)
+#undef ENCODE
+        if (bad) result = i + 1;
+    }
+    ctx_free(&c);
+    return result;
+}
+
+/* Decode blocks [begin, end) into keys and values (arguments as for encode). Returns 0, 1 + the
+ * first block whose params are not finite (it and later ones are not written), or -1 (no memory). */
+int64_t tiered_decode(int64_t begin, int64_t end, const int64_t *keys, const int64_t *values, const int64_t *payloads,
+                      const int64_t *strides, int64_t H, int64_t T, int64_t D, int dtype, int kind, int bits,
+                      int64_t group, const int64_t *offs) {
+    Ctx c;
+    if (ctx_init(&c, H, T, D, bits, group, offs)) return ctx_free(&c), -1;
+    int64_t kparams = H * ((T + group - 1) / group) * D, vparams = H * T * ((D + group - 1) / group), result = 0;
+    for (int64_t i = begin; i < end; i++) {
+        const uint8_t *payload = (const uint8_t *)payloads[i];
+        if (params_bad(payload, offs[0], kparams) || params_bad(payload, offs[1], kparams) ||
+            params_bad(payload, offs[2], vparams) || params_bad(payload, offs[3], vparams)) {
+            result = i + 1;
+            break;
+        }
+#define DECODE(K, DT) decode_one(&c, K, DT, payload, (char *)keys[i], (char *)values[i], strides + 4 * i)
+        DISPATCH(DECODE)
+#undef DECODE
+    }
+    ctx_free(&c);
+    return result;
+}

@@ -1,0 +1,193 @@
+"""The fused CPU path: cpu_kernels.c, compiled once per machine and loaded with ctypes.
+
+One call encodes or decodes a whole batch of blocks (no fp32 temporaries the size of a block, no
+Python per group), splitting large batches over torch's thread count
+(ctypes releases the GIL). The library is built with the system C compiler ($CC, else cc; plus
+$TIERED_CFLAGS, e.g. -DTIERED_PORTABLE for the path without x86 intrinsics) into
+$TIERED_CACHE_DIR (default ~/.cache/tiered), named by a hash of the source, the flags and the
+CPU, and reused by every later process. Without a compiler, `available()` is False and the codecs
+use the reference kernels; `build_error()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from . import reference
+from .layout import QuantFormat
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC"]
+DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+KINDS = {"int": 0, "fp8": 1}
+PARALLEL_MIN_BYTES = 256 << 10  # batches smaller than this run on the calling thread
+
+_errors: list[str] = []
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's threads
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept."""
+    if "TIERED_CACHE_DIR" in os.environ:
+        return Path(os.environ["TIERED_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiered"
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: a library built for one CPU may not run on another."""
+    identity = {"machine": platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                name = line.split(":", 1)[0].strip()
+                if name in ("model name", "flags"):
+                    identity.setdefault(name, line)
+    except OSError:
+        pass
+    return repr(sorted(identity.items()))
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC", "cc")
+    flags = FLAGS + shlex.split(os.environ.get("TIERED_CFLAGS", ""))
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_identity()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels-{digest}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
+            os.replace(tmp, target)  # atomic: concurrent builders each install a whole library
+        except subprocess.CalledProcessError as err:
+            raise OSError(f"{compiler} failed: {err.stderr.strip()[-2000:]}") from err
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    i64, i32, address = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    # begin, end, keys, values, payloads, strides, H, T, D, dtype, kind, bits, group, offsets
+    for function in (lib.tiered_encode, lib.tiered_decode):
+        function.argtypes = [i64, i64, address, address, address, address, i64, i64, i64, i32, i32, i32, i64,
+                             ctypes.POINTER(i64)]
+        function.restype = i64
+    return lib
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    try:
+        return _build()
+    except (OSError, subprocess.SubprocessError) as err:
+        _errors.append(f"{type(err).__name__}: {err}")
+        return None
+
+
+def available() -> bool:
+    """True if the compiled kernels load on this machine (building them on first use)."""
+    return _library() is not None
+
+
+def build_error() -> str | None:
+    """Why the kernels are not available, or None."""
+    _library()
+    return _errors[-1] if _errors else None
+
+
+@lru_cache(maxsize=256)
+def _shape_args(fmt: QuantFormat, shape: torch.Size, dtype: torch.dtype) -> tuple[int, tuple]:
+    """(payload bytes, the library's shape arguments) of blocks of `shape` and `dtype` in `fmt`."""
+    if dtype not in DTYPES:
+        raise TypeError(f"the CPU kernels take fp16, bf16 or fp32 blocks, got {dtype}")
+    layout = fmt.layout(*shape)
+    offsets = (ctypes.c_int64 * 6)(*layout.offsets())
+    return layout.nbytes, (*shape, DTYPES[dtype], KINDS[fmt.kind], fmt.bits, fmt.group, offsets)
+
+
+def _check(keys: list, values: list, payloads: list, shape: torch.Size, dtype: torch.dtype, nbytes: int) -> None:
+    """The kernels write through raw addresses: every tensor must be what they assume."""
+    if not len(keys) == len(values) == len(payloads):
+        raise ValueError(f"got {len(keys)} keys, {len(values)} values and {len(payloads)} payloads")
+    for t in keys + values:
+        if not t.is_cpu or t.dtype != dtype or t.shape != shape or t.stride(-1) != 1:
+            raise ValueError(
+                f"the CPU kernels take CPU tensors of shape {tuple(shape)} and dtype {dtype} with contiguous "
+                f"channels; got {t.device} {t.dtype} {tuple(t.shape)} strides {t.stride()}"
+            )
+    for p in payloads:
+        if not p.is_cpu or p.dtype != torch.uint8 or p.numel() != nbytes or not p.is_contiguous():
+            raise ValueError(f"each payload must be a contiguous CPU uint8 tensor of {nbytes} bytes")
+
+
+def _run(function: str, fmt: QuantFormat, keys: list, values: list, payloads: list) -> int:
+    """function(begin, end, ...) of the library over the batch, split over threads when it is large."""
+    global _pool
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are not available: {build_error()}")
+    shape, dtype, n = keys[0].shape, keys[0].dtype, len(keys)
+    nbytes, shape_args = _shape_args(fmt, shape, dtype)
+    _check(keys, values, payloads, shape, dtype, nbytes)
+    # one int64 table: key, value and payload addresses [3][n], then strides [n][4] (key head,
+    # key token, value head, value token)
+    table = (ctypes.c_int64 * (7 * n))(
+        *[t.data_ptr() for t in keys], *[t.data_ptr() for t in values], *[p.data_ptr() for p in payloads],
+        *[s for k, v in zip(keys, values) for s in (*k.stride()[:2], *v.stride()[:2])],
+    )
+    base = ctypes.addressof(table)
+    args = (base, base + 8 * n, base + 16 * n, base + 24 * n, *shape_args)
+    call = getattr(lib, function)
+    workers = min(n, torch.get_num_threads())
+    if workers <= 1 or 2 * n * keys[0].nbytes < PARALLEL_MIN_BYTES:
+        return call(0, n, *args)
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="tiered-codec")
+    bounds = [n * w // workers for w in range(workers + 1)]
+    results = [f.result() for f in [_pool.submit(call, bounds[w], bounds[w + 1], *args) for w in range(workers)]]
+    if any(r < 0 for r in results):
+        return -1
+    return min((r for r in results if r > 0), default=0)
+
+
+def encode(fmt: QuantFormat, keys: list[torch.Tensor], values: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+    """Write the payload of each block (keys[i], values[i]: [H, T, D], one shape and dtype;
+    channels contiguous, any head and token strides) into outs[i] ([nbytes] uint8).
+    ValueError if a block cannot be quantized (see reference.py)."""
+    result = _run("tiered_encode", fmt, keys, values, outs)
+    if result < 0:
+        raise MemoryError("the CPU kernels could not allocate scratch memory")
+    if result > 0:
+        raise ValueError(f"block {result - 1} of this batch: {reference.UNENCODABLE}")
+
+
+def decode(fmt: QuantFormat, payloads: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """Decode each payload into keys[i], values[i] (as encode takes them). ValueError if a
+    payload's mins or scales are not finite (the outputs are then partly written)."""
+    result = _run("tiered_decode", fmt, keys, values, payloads)
+    if result < 0:
+        raise MemoryError("the CPU kernels could not allocate scratch memory")
+    if result > 0:
+        raise ValueError(f"payload {result - 1} of this batch: {reference.CORRUPT}")

@@ -1,0 +1,185 @@
+"""Group-wise quantizing codecs on KIVI's axes: int8, int4, int2 (asymmetric) and fp8 (e4m3).
+
+Keys are grouped per channel over up to `group` tokens, values per token over up to `group`
+channels (KIVI, https://arxiv.org/abs/2402.02750: keys have outlier channels, values do not);
+each group keeps its min and scale (fp16), codes are bit-packed. layout.py gives the payload
+layout and size formula, reference.py the definition of every byte.
+
+The kernels run where the block is: the fused C kernels on the CPU (cpu_kernels.py), Triton on
+CUDA (triton_kernels.py), the torch reference wherever those are not available. All three write
+the same bytes. `encode_many`/`decode_many` take a whole batch in one kernel call, which is what
+reaches memory bandwidth (one block at a time pays Python's overhead per block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from ..block import KVBlock
+from . import cpu_kernels, reference, triton_kernels
+from .base import Codec, Encoded, check_outputs
+from .layout import QuantFormat
+
+
+def _channels_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _batches(items: Sequence, key) -> list[list[int]]:
+    """Indices of `items` grouped by key(item), in first-seen order."""
+    groups: dict = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    return list(groups.values())
+
+
+class QuantizedCodec(Codec):
+    """A group-wise quantizing codec; subclasses set `name`, `kind`, `bits` and `default_group`."""
+
+    kind: ClassVar[str]
+    bits: ClassVar[int]
+    default_group: ClassVar[int] = 64
+
+    def __init__(self, group: int | None = None) -> None:
+        self.fmt = QuantFormat(self.kind, self.bits, self.default_group if group is None else group)
+        self._spec = f"{self.name}:g{self.fmt.group}"
+
+    @property
+    def spec(self) -> str:
+        return self._spec
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(group={self.fmt.group})"
+
+    def encoded_nbytes(self, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
+        return self.fmt.layout(kv_heads, tokens, head_dim).nbytes
+
+    # -- encode ---------------------------------------------------------------------------------
+
+    def encode(self, block: KVBlock) -> Encoded:
+        out = torch.empty(self.encoded_nbytes(*block.keys.shape, block.dtype), dtype=torch.uint8, device=block.device)
+        self._encode_batch([block], [out])
+        return Encoded(self.spec, block.dtype, tuple(block.keys.shape), out)
+
+    def encode_into(self, block: KVBlock, out: torch.Tensor) -> Encoded:
+        if out.device != block.device:  # quantize where the block is, then move the smaller payload
+            return super().encode_into(block, out)
+        nbytes = self.encoded_nbytes(*block.keys.shape, block.dtype)
+        if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != nbytes or not out.is_contiguous():
+            raise ValueError(f"encode_into needs a contiguous [{nbytes}] uint8 tensor, got {out.dtype} {tuple(out.shape)}")
+        self._encode_batch([block], [out])
+        return Encoded(self.spec, block.dtype, tuple(block.keys.shape), out)
+
+    def encode_many(self, blocks: Sequence[KVBlock]) -> list[Encoded]:
+        """Every block encoded, in order; blocks of one shape, dtype and device share a kernel call."""
+        results: list[Encoded | None] = [None] * len(blocks)
+        for index in _batches(blocks, lambda b: (tuple(b.keys.shape), b.dtype, b.device)):
+            batch = [blocks[i] for i in index]
+            shape, dtype, device = tuple(batch[0].keys.shape), batch[0].dtype, batch[0].device
+            nbytes = self.encoded_nbytes(*shape, dtype)
+            outs = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in batch]
+            self._encode_batch(batch, outs)
+            for i, out in zip(index, outs):
+                results[i] = Encoded(self.spec, dtype, shape, out)
+        return results
+
+    def _encode_batch(self, blocks: list[KVBlock], outs: list[torch.Tensor]) -> None:
+        """Payloads of blocks of one shape, dtype and device, written into outs on that device."""
+        keys = [_channels_contiguous(b.keys) for b in blocks]
+        values = [_channels_contiguous(b.values) for b in blocks]
+        self._kernels(keys[0]).encode(self.fmt, keys, values, outs)
+
+    # -- decode ---------------------------------------------------------------------------------
+
+    def decode(self, encoded: Encoded, device: torch.device | str) -> KVBlock:
+        Codec.check(self, encoded)
+        payload = encoded.to(device).payload
+        keys = torch.empty(encoded.shape, dtype=encoded.dtype, device=payload.device)
+        values = torch.empty(encoded.shape, dtype=encoded.dtype, device=payload.device)
+        self._decode_batch([payload], [keys], [values])
+        return KVBlock.trusted(keys, values)
+
+    def decode_into(self, encoded: Encoded, keys_out: torch.Tensor, values_out: torch.Tensor) -> None:
+        Codec.check(self, encoded)
+        check_outputs(encoded, keys_out, values_out)
+        if keys_out.stride(-1) != 1 or values_out.stride(-1) != 1:  # the kernels need contiguous channels
+            return super().decode_into(encoded, keys_out, values_out)
+        self._decode_batch([encoded.to(keys_out.device).payload], [keys_out], [values_out])
+
+    def decode_many(self, encoded: Sequence[Encoded], device: torch.device | str) -> list[KVBlock]:
+        """Every payload decoded on `device`, in order. ValueError (nothing decoded) if one is not
+        this codec's or has the wrong size, or if its mins or scales are not finite."""
+        device = torch.device(device)
+        for item in encoded:
+            Codec.check(self, item)
+        results: list[KVBlock | None] = [None] * len(encoded)
+        for index in _batches(encoded, lambda e: (e.shape, e.dtype)):
+            shape, dtype = encoded[index[0]].shape, encoded[index[0]].dtype
+            payloads = [encoded[i].to(device).payload for i in index]
+            # keys, values: [n, kv_heads, tokens, head_dim]; block i gets views of row i
+            keys = torch.empty((len(index), *shape), dtype=dtype, device=device)
+            values = torch.empty((len(index), *shape), dtype=dtype, device=device)
+            self._decode_batch(payloads, list(keys), list(values))
+            for j, i in enumerate(index):
+                results[i] = KVBlock.trusted(keys[j], values[j])
+        return results
+
+    def _decode_batch(self, payloads: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Decode payloads into blocks of one shape and dtype, all on one device."""
+        self._kernels(keys[0]).decode(self.fmt, payloads, keys, values)
+
+    def _kernels(self, like: torch.Tensor):
+        """The kernels for blocks like `like`: Triton on CUDA, C on the CPU, else the reference."""
+        if like.device.type == "cuda" and triton_kernels.supports(self.fmt, tuple(like.shape)):
+            return triton_kernels
+        if like.device.type == "cpu" and cpu_kernels.available():
+            return cpu_kernels
+        return reference
+
+    def check(self, encoded: Encoded) -> None:
+        """The base checks, plus: every min and scale in the payload is finite (a payload corrupted
+        in its params). On CUDA this waits for the device."""
+        super().check(encoded)
+        payload = encoded.payload
+        layout = self.fmt.layout(*encoded.shape)
+        reference.check_params(
+            *reference.param_views(payload, layout, "key"),
+            *reference.param_views(payload, layout, "value"),
+            message=f"{self.spec} payload: {reference.CORRUPT}",
+        )
+
+
+class Int8Codec(QuantizedCodec):
+    """8-bit asymmetric codes, min and scale per group of 64: ~1.06 bytes per value at 64 tokens."""
+
+    name = "int8"
+    kind = "int"
+    bits = 8
+
+
+class Int4Codec(QuantizedCodec):
+    """4-bit asymmetric codes, two per byte, min and scale per group of 64 (KIVI-4)."""
+
+    name = "int4"
+    kind = "int"
+    bits = 4
+
+
+class Int2Codec(QuantizedCodec):
+    """2-bit asymmetric codes, four per byte, min and scale per group of 32 (KIVI-2)."""
+
+    name = "int2"
+    kind = "int"
+    bits = 2
+    default_group = 32
+
+
+class Fp8Codec(QuantizedCodec):
+    """fp8 e4m3 codes of value/scale, one fp16 scale per group of 64 (scale = max |x| / 448)."""
+
+    name = "fp8"
+    kind = "fp8"
+    bits = 8
