@@ -86,18 +86,23 @@ class DeviceTier(Tier):
         return self._views(*entry)
 
     def put(self, key: BlockKey, item: KVBlock) -> list[BlockKey]:
+        view = self.reserve(key, item.tokens)
+        non_blocking = self.device.type == "cuda" and item.keys.is_pinned()
+        view.keys.copy_(item.keys, non_blocking=non_blocking)
+        view.values.copy_(item.values, non_blocking=non_blocking)
+        return []
+
+    def reserve(self, key: BlockKey, tokens: int) -> KVBlock:
+        """Take a free slot for `key`, to hold `tokens` tokens, and return its views for the caller
+        to fill (a codec decodes straight into them). remove(key) gives the slot back."""
         if key in self._slots:
             raise KeyError(f"{key} is already in the device tier")
         free = self._free[self.room_of(key)] if self.layout is not None else []
         if not free:
             raise RuntimeError("device tier has no free slot (or no pool); the store must make room first")
         slot = free.pop()
-        view = self._views(slot, item.tokens)
-        non_blocking = self.device.type == "cuda" and item.keys.is_pinned()
-        view.keys.copy_(item.keys, non_blocking=non_blocking)
-        view.values.copy_(item.values, non_blocking=non_blocking)
-        self._slots[key] = (slot, item.tokens)
-        return []
+        self._slots[key] = (slot, tokens)
+        return self._views(slot, tokens)
 
     def write_tokens(self, key: BlockKey, offset: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write `keys`, `values` ([kv_heads, n, head_dim]) at token `offset` of a stored block,

@@ -63,14 +63,17 @@ def _gather(
         chosen = torch.tensor([slots[i] for i in on_device], device=target)
         out_keys.index_copy_(1, positions, device.keys_pool.index_select(1, chosen))
         out_values.index_copy_(1, positions, device.values_pool.index_select(1, chosen))
-    for i, (key, t) in enumerate(zip(keys, tiers)):
-        if t != DEVICE:
-            item = placement.tiers[t].get(key)
+    for t in sorted(set(tiers) - {DEVICE}):  # each lower tier's blocks decoded in one batch, in place
+        rows = [i for i, tier in enumerate(tiers) if tier == t]
+        items = [placement.tiers[t].get(keys[i]) for i in rows]
+        for i, item in zip(rows, items):
             if item is None:  # damaged below: a miss, never wrong data
-                placement.forget([key], t)
-                raise KeyError(f"{key} could not be read back from the {placement.tiers[t].name} tier")
-            block = placement.codecs[t].decode(item, target)
-            out_keys[:, i, : block.tokens].copy_(block.keys)
-            out_values[:, i, : block.tokens].copy_(block.values)
+                placement.forget([keys[i]], t)
+                raise KeyError(f"{keys[i]} could not be read back from the {placement.tiers[t].name} tier")
+        placement.codecs[t].decode_many_into(
+            items,
+            [out_keys[:, i, : item.shape[1]] for i, item in zip(rows, items)],
+            [out_values[:, i, : item.shape[1]] for i, item in zip(rows, items)],
+        )
     heads, dim = layout.kv_heads, layout.head_dim
     return out_keys.view(heads, -1, dim)[:, :total], out_values.view(heads, -1, dim)[:, :total]

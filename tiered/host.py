@@ -55,7 +55,8 @@ class HostTier(Tier):
         """
         if not self._free and not self._grow():
             return None
-        return self._free[-1][:nbytes]
+        slot = self._free[-1]
+        return slot if nbytes == self.slot_bytes else slot[:nbytes]
 
     def __contains__(self, key: BlockKey) -> bool:
         return key in self._items

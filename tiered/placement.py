@@ -109,17 +109,21 @@ class Placement:
         if item is None:  # the tier found the record damaged and dropped it
             self.forget([key], t)
             return False
-        block = self.codecs[t].decode(item, self.device)  # may view tier t's memory until discarded
         if self.layout is None:  # a store reopened over a persistent tier: the first block sets it
-            self.allocate(self.layout_for([block]))
+            self.allocate(self.layout_for([self.codecs[t].decode(item, self.device)]))
         stats = self.stats[t][key]
         self.make_room(DEVICE, self.device_tier.slot_bytes, key, leaving=key, protected=protected)
-        self.device_tier.put(key, block)
+        slot = self.device_tier.reserve(key, item.shape[1])
+        try:  # decoded straight into the slot; tier t's copy stays until this succeeded
+            self.codecs[t].decode_into(item, slot.keys, slot.values)
+        except BaseException:
+            self.device_tier.remove(key)
+            raise
         if key in self.where:  # still below, unless room-making dropped it from a self-evicting tier
             self.discard(key)
         self.counters[t].promotions += 1
         self.counters[t].bytes_out += item.nbytes
-        self.counters[DEVICE].bytes_in += block.nbytes
+        self.counters[DEVICE].bytes_in += slot.nbytes
         self.track(key, DEVICE, self.device_tier.slot_bytes, stats=stats)
         return True
 

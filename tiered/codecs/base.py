@@ -107,6 +107,14 @@ class Codec(ABC):
         keys_out.copy_(block.keys)
         values_out.copy_(block.values)
 
+    def decode_many_into(
+        self, encoded: Sequence[Encoded], keys_outs: Sequence[torch.Tensor], values_outs: Sequence[torch.Tensor]
+    ) -> None:
+        """decode_into() of every payload into its pair of outputs (overridden by codecs with batched
+        kernels: one call for many blocks)."""
+        for item, keys_out, values_out in zip(encoded, keys_outs, values_outs, strict=True):
+            self.decode_into(item, keys_out, values_out)
+
     def decode_many(self, encoded: Sequence[Encoded], device: torch.device | str) -> list[KVBlock]:
         """decode() of every payload, in order (overridden by codecs with batched kernels)."""
         return [self.decode(item, device) for item in encoded]

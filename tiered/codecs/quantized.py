@@ -109,6 +109,19 @@ class QuantizedCodec(Codec):
             return super().decode_into(encoded, keys_out, values_out)
         self._decode_batch([encoded.to(keys_out.device).payload], [keys_out], [values_out])
 
+    def decode_many_into(
+        self, encoded: Sequence[Encoded], keys_outs: Sequence[torch.Tensor], values_outs: Sequence[torch.Tensor]
+    ) -> None:
+        if any(out.stride(-1) != 1 for out in (*keys_outs, *values_outs)):  # the kernels need contiguous channels
+            return super().decode_many_into(encoded, keys_outs, values_outs)
+        for item, keys_out, values_out in zip(encoded, keys_outs, values_outs, strict=True):
+            Codec.check(self, item)
+            check_outputs(item, keys_out, values_out)
+        for index in _batches(encoded, lambda e: (e.shape, e.dtype)):
+            device = keys_outs[index[0]].device
+            payloads = [encoded[i].to(device).payload for i in index]
+            self._decode_batch(payloads, [keys_outs[i] for i in index], [values_outs[i] for i in index])
+
     def decode_many(self, encoded: Sequence[Encoded], device: torch.device | str) -> list[KVBlock]:
         """Every payload decoded on `device`, in order. ValueError (nothing decoded) if one is not
         this codec's or has the wrong size, or if its mins or scales are not finite."""
