@@ -85,7 +85,7 @@ def test_policy_subsets(tmp_path):
         (["--synthetic", "--prefetch", "eager"], "valid names"),
         (["--synthetic", "--budgets", "0.25,2"], "fractions in"),
         (["--synthetic", "--trace", "x.npz"], "not allowed with"),
-        ([], "one of the arguments --trace --synthetic is required"),
+        ([], "one of the arguments --trace --synthetic --capture is required"),
     ],
 )
 def test_bad_arguments_exit_with_a_usage_error(args, message, capsys):
