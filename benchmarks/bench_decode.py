@@ -8,7 +8,7 @@ the same greedy continuation. Set-ups:
     device     ours, every block on the device tier (exact)
     hf         transformers LlamaForCausalLM with DynamicCache, loaded from the same GGUF
     tiered25   ours exact, 25% of the KV on the device tier, the rest in the host tier (int8)
-    sparse12   ours sparse, quest, a budget of 12.5% of the context
+    sparse12   ours sparse, quest, a budget of 12.5% of the context, in 16-token blocks (Quest's pages)
 
 The memory-bandwidth floor of a decode step is (bytes of weights + bytes of KV read per token)
 divided by the bandwidth of a large tensor.copy_ measured in the same run.
@@ -36,6 +36,7 @@ from runtime.model.load import smollm2_135m
 from tiered import CODECS, StoreConfig
 
 BLOCK_TOKENS = 64
+SPARSE_BLOCK_TOKENS = 16  # Quest's page size: its key bounds stay tight enough to rank blocks
 
 
 def copy_bandwidth_bytes_per_s() -> float:
@@ -89,15 +90,15 @@ def time_transformers(hf, cache, ids, last_logits, steps: int) -> tuple[float, l
     for layer in range(cache.num_layers):  # the same keys and values, in transformers' [batch, heads, tokens, dim]
         past.update(cache.keys(layer)[None].clone(), cache.values(layer)[None].clone(), layer)
     token, position = int(last_logits.argmax()), len(ids)
-    tokens = []
+    tokens = []  # the tokens fed, as Session.generate yields them
     with torch.inference_mode():
         for step in range(steps + 2):
-            if step == 2:
+            if step == 2:  # the first two steps warm up, as for ours
                 start = time.perf_counter()
+            tokens.append(token)
             out = hf(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True,
                      position_ids=torch.tensor([[position]]))
             token, position = int(out.logits[0, -1].argmax()), position + 1
-            tokens.append(token)
     return steps / (time.perf_counter() - start), tokens[2:]
 
 
@@ -111,14 +112,16 @@ def weight_bytes(model) -> int:
     return total + model.lm_head.numel() * model.lm_head.element_size() + model.final_norm.numel() * 4
 
 
-def store_config(model, device_bytes: int, host_bytes: int, host_codec: str) -> StoreConfig:
-    return StoreConfig(device="cpu", device_bytes=device_bytes, host_bytes=host_bytes, block_tokens=BLOCK_TOKENS,
+def store_config(
+    model, device_bytes: int, host_bytes: int, host_codec: str, block_tokens: int = BLOCK_TOKENS
+) -> StoreConfig:
+    return StoreConfig(device="cpu", device_bytes=device_bytes, host_bytes=host_bytes, block_tokens=block_tokens,
                        host_codec=host_codec)
 
 
-def perplexity(model, context: list[int], held_out: list[int], **options) -> float:
+def perplexity(model, context: list[int], held_out: list[int], block_tokens: int = BLOCK_TOKENS, **options) -> float:
     total = len(context) + len(held_out)
-    config = store_config(model, 2 * kv_bytes(model, total) + (64 << 20), 64 << 20, "raw")
+    config = store_config(model, 2 * kv_bytes(model, total) + (64 << 20), 64 << 20, "raw", block_tokens)
     with Session(model, config, **options) as session:
         for i in range(0, len(context), 512):
             logits = session.extend(context[i : i + 512])
@@ -155,8 +158,8 @@ def main() -> None:
         setups = {
             "device": (store_config(model, 2 * kv_total, 64 << 20, "raw"), {}),
             "tiered25": (store_config(model, kv_total // 4, kv_total, codec), {}),
-            "sparse12": (store_config(model, 2 * kv_total, 64 << 20, "raw"),
-                         dict(mode="sparse", budget_tokens=max(length // 8, 4 * BLOCK_TOKENS), importance="quest")),
+            "sparse12": (store_config(model, 2 * kv_total, 64 << 20, "raw", SPARSE_BLOCK_TOKENS),
+                         dict(mode="sparse", budget_tokens=length // 8, importance="quest")),
         }
         print(f"{length:>7} {'hf':>9} {hf_rate:>7.2f} {1.0:>6.2f} {floor:>11.2f} {hf_rate / floor:>8.2f}")
         for name, (config, options) in setups.items():
@@ -168,10 +171,11 @@ def main() -> None:
         del cache
     context = document_ids(model, args.ppl_context + args.ppl_tokens, offset_chars=400_000)
     exact = perplexity(model, context[: args.ppl_context], context[args.ppl_context :])
-    sparse = perplexity(model, context[: args.ppl_context], context[args.ppl_context :], mode="sparse",
-                        budget_tokens=args.ppl_context // 4, importance="quest")
-    print(f"perplexity over {args.ppl_tokens} held-out tokens after {args.ppl_context}: exact {exact:.3f}, "
-          f"sparse 25% quest {sparse:.3f} ({(sparse / exact - 1) * 100:+.1f}%)")
+    print(f"perplexity over {args.ppl_tokens} held-out tokens after {args.ppl_context}: exact {exact:.3f}")
+    for block_tokens in (SPARSE_BLOCK_TOKENS, BLOCK_TOKENS):
+        sparse = perplexity(model, context[: args.ppl_context], context[args.ppl_context :], block_tokens,
+                            mode="sparse", budget_tokens=args.ppl_context // 4, importance="quest")
+        print(f"  sparse 25% quest, {block_tokens}-token blocks: {sparse:.3f} ({(sparse / exact - 1) * 100:+.1f}%)")
 
 
 if __name__ == "__main__":

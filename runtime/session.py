@@ -29,6 +29,7 @@ class Session:
     budget_tokens  sparse mode: tokens read per layer and decode step
     importance     sparse mode: importance estimator name (policies.IMPORTANCE)
     prefetch       prefetch policy name (policies.PREFETCH)
+    sink_blocks, window_blocks   sparse mode: blocks always read at the start and at the end
     """
 
     def __init__(
@@ -42,6 +43,8 @@ class Session:
         *,
         store: TieredStore | None = None,
         session_id: str | None = None,
+        sink_blocks: int = 1,
+        window_blocks: int = 2,
     ) -> None:
         cfg = model.config
         if store is None:
@@ -64,6 +67,7 @@ class Session:
             self.kv = KVManager(
                 store, self.session_id, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                 mode=mode, budget_tokens=budget_tokens, importance=importance, prefetch=prefetch,
+                sink_blocks=sink_blocks, window_blocks=window_blocks,
             )
         except BaseException:
             self._close_store()

@@ -74,6 +74,11 @@ class DeviceTier(Tier):
     def __contains__(self, key: BlockKey) -> bool:
         return key in self._slots
 
+    @property
+    def slot_table(self) -> dict[BlockKey, tuple[int, int]]:
+        """key -> (slot, tokens) of every block on the device; read it, never change it."""
+        return self._slots
+
     def slot_of(self, key: BlockKey) -> tuple[int, int] | None:
         """(slot, tokens) of `key`, or None."""
         return self._slots.get(key)

@@ -18,6 +18,9 @@ def read_joined(placement: Placement, keys: list[BlockKey], touch: bool) -> tupl
     layout, device = placement.layout, placement.device_tier
     if not keys:
         raise ValueError("reading needs at least one key")
+    views = _device_run(placement, keys, touch)
+    if views is not None:
+        return views
     tiers, slots, tokens = [], [], []
     for key in keys:
         t = placement.where.get(key)
@@ -40,19 +43,51 @@ def read_joined(placement: Placement, keys: list[BlockKey], touch: bool) -> tupl
             placement.touch(key, t, step)
     total = full * (len(keys) - 1) + tokens[-1]
     first = slots[0]
-    if first >= 0 and slots == list(range(first, first + len(slots))):  # one run of device slots
-        # views: [kv_heads, blocks * block_tokens, head_dim], cut to the tokens stored
-        heads, dim = layout.kv_heads, layout.head_dim
-        keys_view = device.keys_pool[:, first : first + len(slots)].reshape(heads, -1, dim)[:, :total]
-        values_view = device.values_pool[:, first : first + len(slots)].reshape(heads, -1, dim)[:, :total]
-        return keys_view, values_view
+    if first >= 0 and slots == list(range(first, first + len(slots))):  # one run of device slots (touched)
+        heads, dim, run = layout.kv_heads, layout.head_dim, slice(first, first + len(slots))
+        return (
+            device.keys_pool[:, run].reshape(heads, -1, dim)[:, :total],
+            device.values_pool[:, run].reshape(heads, -1, dim)[:, :total],
+        )
     return _gather(placement, keys, tiers, slots, total)
+
+
+def _device_run(placement: Placement, keys: list[BlockKey], touch: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Views of the pool when every block is on the device, in consecutive slots, full but the last;
+    else None. The fast path of a decode step: one dictionary lookup per block."""
+    device, layout = placement.device_tier, placement.layout
+    if layout is None or touch:
+        return None
+    lookup = device.slot_table.get  # key -> (slot, tokens)
+    first = lookup(keys[0])
+    last = lookup(keys[-1])
+    if first is None or last is None or last[0] - first[0] != len(keys) - 1:
+        return None
+    full = layout.block_tokens
+    for offset, key in enumerate(keys[:-1]):
+        entry = lookup(key)
+        if entry is None or entry[0] != first[0] + offset or entry[1] != full:
+            return None
+    placement.counters[DEVICE].hits += len(keys)
+    total = full * (len(keys) - 1) + last[1]
+    heads, dim, run = layout.kv_heads, layout.head_dim, slice(first[0], last[0] + 1)
+    # views: [kv_heads, blocks * block_tokens, head_dim], cut to the tokens stored
+    return (
+        device.keys_pool[:, run].reshape(heads, -1, dim)[:, :total],
+        device.values_pool[:, run].reshape(heads, -1, dim)[:, :total],
+    )
 
 
 def _gather(
     placement: Placement, keys: list[BlockKey], tiers: list[int], slots: list[int], total: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout, device, target = placement.layout, placement.device_tier, placement.device
+    heads, dim = layout.kv_heads, layout.head_dim
+    if DEVICE == max(tiers):  # every block on the device: one gather, no staging copy
+        chosen = torch.tensor(slots, device=target)
+        gathered_keys = device.keys_pool.index_select(1, chosen)  # [kv_heads, blocks, block_tokens, head_dim]
+        gathered_values = device.values_pool.index_select(1, chosen)
+        return gathered_keys.view(heads, -1, dim)[:, :total], gathered_values.view(heads, -1, dim)[:, :total]
     shape = (layout.kv_heads, len(keys), layout.block_tokens, layout.head_dim)
     # gathered keys, values: [kv_heads, blocks, block_tokens, head_dim]
     out_keys = torch.empty(shape, dtype=layout.dtype, device=target)
@@ -75,5 +110,4 @@ def _gather(
             [out_keys[:, i, : item.shape[1]] for i, item in zip(rows, items)],
             [out_values[:, i, : item.shape[1]] for i, item in zip(rows, items)],
         )
-    heads, dim = layout.kv_heads, layout.head_dim
     return out_keys.view(heads, -1, dim)[:, :total], out_values.view(heads, -1, dim)[:, :total]

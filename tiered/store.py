@@ -185,7 +185,8 @@ class TieredStore:
         """
         keys = list(keys)
         for key in keys:
-            _check_key(key)
+            if type(key) is not BlockKey:
+                _check_key(key)
         with self._lock:
             self._check_open()
             keys_read, values_read = read_joined(self._place, keys, touch)
