@@ -41,7 +41,6 @@ class TieredStore:
         self.device = config.torch_device
         # Construct everything that can fail before anything holds resources.
         codecs: list[Codec | None] = [None, make_codec(config.host_codec)]
-        policies = [make_eviction(config.eviction, **config.eviction_kwargs) for _ in range(3)]
         tiers: list[Tier] = [
             DeviceTier(self.device, config.device_bytes, rooms=config.layers or 1),
             HostTier(config.host_bytes, pin=self.device.type == "cuda"),
@@ -49,7 +48,8 @@ class TieredStore:
         if config.disk_dir is not None:
             codecs.append(make_codec(config.disk_codec))
             tiers.append(self._open_disk(config, codecs[-1]))
-        self._place = Placement(tiers, codecs, policies[: len(tiers)], self.device, config.block_tokens)
+        policies = [make_eviction(config.eviction, **config.eviction_kwargs) for _ in tiers]  # one per tier
+        self._place = Placement(tiers, codecs, policies, self.device, config.block_tokens)
         self._counters = StoreCounters()
         self._lock = threading.RLock()
         self._closed = False
@@ -144,6 +144,8 @@ class TieredStore:
         hole (it is at most the block's tokens) and offset + n may not pass block_tokens.
         """
         self._check_layer(key)
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise TypeError(f"offset must be int, got {type(offset).__name__}")
         block = KVBlock(keys, values)  # validates shapes and dtypes
         with self._lock:
             self._check_open()

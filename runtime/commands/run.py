@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tiered import CODECS, StoreConfig
+from tiered import CODECS, StoreConfig, make_codec
 
 QUESTIONS = (
     "Who is speaking at the start of this text, and what are they about to do?",
@@ -40,8 +40,8 @@ def register(add_parser, name: str) -> None:
     parser.add_argument("--host-mib", type=int, default=16, help="host tier capacity")
     parser.add_argument("--disk-mib", type=int, default=1024, help="disk tier capacity")
     parser.add_argument("--disk-dir", type=Path, default=None, help="disk tier directory (default: a temporary one)")
-    parser.add_argument("--host-codec", default="int8" if "int8" in CODECS else "raw", choices=sorted(CODECS))
-    parser.add_argument("--disk-codec", default="int8" if "int8" in CODECS else "raw", choices=sorted(CODECS))
+    parser.add_argument("--host-codec", default="int8", type=_codec, help=f"one of {sorted(CODECS)}, or a spec such as int4:g32")
+    parser.add_argument("--disk-codec", default="int8", type=_codec, help="as --host-codec")
     parser.add_argument("--no-ray", action="store_true", help="host the session in this process instead of a Ray worker")
     parser.set_defaults(func=main)
 
@@ -65,6 +65,14 @@ def main(args: argparse.Namespace) -> int:
         finally:
             worker.close(session_id)
     return 0
+
+
+def _codec(spec: str) -> str:
+    try:
+        make_codec(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return spec
 
 
 def _start_worker(args: argparse.Namespace):

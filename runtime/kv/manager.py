@@ -88,6 +88,10 @@ class KVManager:
         self.estimators = [
             make_importance(importance, block_tokens=self.block_tokens, **importance_kwargs) for _ in range(layers)
         ]
+        if self.estimators[0].needs_weights:
+            raise ValueError(
+                f"importance {importance!r} needs the attention it is to predict: use it in `tiered experiment`"
+            )
         self.prefetch_policy = make_prefetch(prefetch)
         self.counters = KVCounters()
         self._score_store = store.config.eviction == "importance"
@@ -189,7 +193,7 @@ class KVManager:
             for key in self.block_keys[layer][keep_blocks:]:
                 self.store.remove(key)
             del self.block_keys[layer][keep_blocks:]
-            self.summaries[layer].blocks = min(self.summaries[layer].blocks, keep_blocks)
+            self.summaries[layer].truncate(keep_blocks)
             self.lengths[layer] = tokens
 
     def drop(self) -> None:

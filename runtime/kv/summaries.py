@@ -35,6 +35,10 @@ class KeySummaries:
             raise ValueError(f"only {self.blocks} blocks are summarized, {blocks} asked")
         return self._min[:blocks], self._max[:blocks]
 
+    def truncate(self, blocks: int) -> None:
+        """Keep the first `blocks` blocks (a kept partial block's bounds may stay wider: still bounds)."""
+        self.blocks = min(self.blocks, blocks)
+
     def clear(self) -> None:
         self.blocks = 0
 

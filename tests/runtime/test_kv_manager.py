@@ -149,6 +149,7 @@ def test_a_failed_extend_leaves_the_session_as_it_was(tiny):
         (dict(mode="sparse"), ValueError, "sparse mode needs budget_tokens"),
         (dict(mode="sparse", budget_tokens=8), ValueError, "sparse mode needs budget_tokens"),
         (dict(mode="sparse", budget_tokens=64, importance="magic"), ValueError, "valid names"),
+        (dict(mode="sparse", budget_tokens=64, importance="oracle"), ValueError, "tiered experiment"),
         (dict(prefetch="psychic"), ValueError, "valid names"),
     ],
 )
