@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..registry import build
 from .base import EvictionPolicy
 from .fifo import FIFO
 from .importance import ImportanceEviction
@@ -18,13 +19,7 @@ EVICTION: dict[str, type[EvictionPolicy]] = {
 
 def make_eviction(name: str, **kwargs) -> EvictionPolicy:
     """A new policy registered as `name`; ValueError listing the valid names otherwise."""
-    cls = EVICTION.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise ValueError(f"unknown eviction policy {name!r}; valid names: {sorted(EVICTION)}")
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise TypeError(f"bad arguments for eviction policy {name!r}: {err}") from None
+    return build(EVICTION, "eviction policy", name, **kwargs)
 
 
 __all__ = ["EVICTION", "EvictionPolicy", "make_eviction"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..registry import build
 from .base import ImportanceEstimator
 from .h2o import H2O
 from .oracle import Oracle
@@ -24,13 +25,7 @@ IMPORTANCE: dict[str, type[ImportanceEstimator]] = {
 
 def make_importance(name: str, **kwargs) -> ImportanceEstimator:
     """A new estimator registered as `name`; ValueError listing the valid names otherwise."""
-    cls = IMPORTANCE.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise ValueError(f"unknown importance estimator {name!r}; valid names: {sorted(IMPORTANCE)}")
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise TypeError(f"bad arguments for importance estimator {name!r}: {err}") from None
+    return build(IMPORTANCE, "importance estimator", name, **kwargs)
 
 
 __all__ = [

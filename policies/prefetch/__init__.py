@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..registry import build
 from .base import PrefetchPolicy, PrefetchRequest, PrefetchView
 from .next_layer import NextLayer
 from .none import NoPrefetch
@@ -18,13 +19,7 @@ PREFETCH: dict[str, type[PrefetchPolicy]] = {
 
 def make_prefetch(name: str, **kwargs) -> PrefetchPolicy:
     """A new policy registered as `name`; ValueError listing the valid names otherwise."""
-    cls = PREFETCH.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise ValueError(f"unknown prefetch policy {name!r}; valid names: {sorted(PREFETCH)}")
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise TypeError(f"bad arguments for prefetch policy {name!r}: {err}") from None
+    return build(PREFETCH, "prefetch policy", name, **kwargs)
 
 
 __all__ = ["PREFETCH", "PrefetchPolicy", "PrefetchRequest", "PrefetchView", "make_prefetch"]
