@@ -135,3 +135,22 @@ def test_set_score_reaches_the_eviction_policy():
         assert store.block_stats(keys[1]).score == 1.0
         store.put(keys[4], block(seed=4))  # the lowest score leaves, not the oldest
         assert [store.where(k) for k in keys] == ["device", "host", "device", "device", "device"]
+
+
+def test_reading_a_store_reopened_over_its_disk_tier(tmp_path):
+    blocks = [block(seed=i) for i in range(6)]
+    keys = [BlockKey("s", 0, i) for i in range(6)]
+    disk = dict(disk_dir=str(tmp_path / "kv"), disk_bytes=1 << 20)
+    with TieredStore(config(device_blocks=2, host_blocks=2, **disk)) as store:
+        store.put_many(zip(keys, blocks))
+        on_disk = [i for i, key in enumerate(keys) if store.where(key) == "disk"]
+    assert on_disk == [0, 1]  # memory tiers do not outlive the store; the disk tier does
+    with TieredStore(config(device_blocks=2, host_blocks=2, **disk)) as store:
+        assert store.layout is None  # nothing on the device yet: the first read sets the layout
+        with store.reading([keys[i] for i in on_disk]) as (k, v):
+            expected_k, expected_v = joined([blocks[i] for i in on_disk])
+            assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
+        assert store.layout is not None
+        with pytest.raises(KeyError, match="index=2"):
+            with store.reading(keys[:3]):
+                pass
