@@ -42,13 +42,6 @@ def read_joined(placement: Placement, keys: list[BlockKey], touch: bool) -> tupl
         for key, t in zip(keys, tiers):
             placement.touch(key, t, step)
     total = full * (len(keys) - 1) + tokens[-1]
-    first = slots[0]
-    if first >= 0 and slots == list(range(first, first + len(slots))):  # one run of device slots (touched)
-        heads, dim, run = layout.kv_heads, layout.head_dim, slice(first, first + len(slots))
-        return (
-            device.keys_pool[:, run].reshape(heads, -1, dim)[:, :total],
-            device.values_pool[:, run].reshape(heads, -1, dim)[:, :total],
-        )
     return _gather(placement, keys, tiers, slots, total)
 
 
@@ -56,7 +49,7 @@ def _device_run(placement: Placement, keys: list[BlockKey], touch: bool) -> tupl
     """Views of the pool when every block is on the device, in consecutive slots, full but the last;
     else None. The fast path of a decode step: one dictionary lookup per block."""
     device, layout = placement.device_tier, placement.layout
-    if layout is None or touch:
+    if layout is None:
         return None
     lookup = device.slot_table.get  # key -> (slot, tokens)
     first = lookup(keys[0])
@@ -69,6 +62,10 @@ def _device_run(placement: Placement, keys: list[BlockKey], touch: bool) -> tupl
         if entry is None or entry[0] != first[0] + offset or entry[1] != full:
             return None
     placement.counters[DEVICE].hits += len(keys)
+    if touch:
+        step = placement.tick()
+        for key in keys:
+            placement.touch(key, DEVICE, step)
     total = full * (len(keys) - 1) + last[1]
     heads, dim, run = layout.kv_heads, layout.head_dim, slice(first[0], last[0] + 1)
     # views: [kv_heads, blocks * block_tokens, head_dim], cut to the tokens stored
