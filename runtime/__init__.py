@@ -4,4 +4,13 @@ from .kv import KVManager
 from .model import load_model
 from .session import Session
 
-__all__ = ["KVManager", "Session", "load_model"]
+__all__ = ["KVManager", "Session", "TieredCache", "load_model"]
+
+
+def __getattr__(name: str):
+    # TieredCache imports transformers (the optional `hf` extra): only when it is asked for.
+    if name == "TieredCache":
+        from .hf import TieredCache
+
+        return TieredCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
