@@ -226,7 +226,7 @@ def _token_list(token_ids: torch.Tensor | Sequence[int]) -> list[int]:
         if token_ids.dim() == 2 and token_ids.shape[0] == 1:
             token_ids = token_ids[0]
         if token_ids.dim() != 1 or token_ids.is_floating_point():
-            raise ValueError(f"expected token ids of shape [T] or [1, T], got {token_ids.dtype} {tuple(token_ids.shape)}")
+            raise ValueError(f"expected the token ids of one sequence, [T] or [1, T]; got {token_ids.dtype} {tuple(token_ids.shape)}")
         return [int(i) for i in token_ids.tolist()]
     if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
         raise TypeError(f"expected token ids as a tensor or a sequence of ints, got {type(token_ids).__name__}")

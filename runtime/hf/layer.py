@@ -99,7 +99,8 @@ class TieredLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new tokens' K/V ([batch, kv_heads, new, head_dim]) and return every cached token's:
-        two [batch, kv_heads, seq_length, head_dim] tensors that belong to the caller."""
+        two [batch, kv_heads, seq_length, head_dim] tensors that belong to the caller. No gradient flows
+        through them: this is a cache for inference, as the store's blocks are."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         else:
@@ -111,8 +112,9 @@ class TieredLayer(CacheLayerMixin):
                 )
             if key_states.dtype != self.dtype:
                 raise TypeError(f"layer {self.layer_idx}: expected {self.dtype} K/V, got {key_states.dtype}")
-        self._append(key_states, value_states)
-        return self._read_all()
+        with torch.no_grad():  # an inference cache: stored K/V carry no autograd history
+            self._append(key_states.detach(), value_states.detach())
+            return self._read_all()
 
     def get_seq_length(self) -> int:
         return self.tokens
