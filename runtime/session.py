@@ -1,6 +1,10 @@
 """Session: one multi-turn conversation with a model whose KV cache lives in a TieredStore.
 
-The session's token log is the source of truth for what the cache holds.
+The session's token log is the source of truth; the KV cache is a cache of it. `extend` first
+adopts the longest prefix of whole blocks the store already holds (from this session's past, a
+session that shared its beginning, or an earlier process through the disk tier) and computes the
+rest; a block lost from every tier is recomputed from the log when it is next read. `save`
+records the log next to the disk tier, and `Session.resume` continues it in any process.
 """
 
 from __future__ import annotations
@@ -9,14 +13,22 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from tiered import StoreConfig, TieredStore
+from tiered.content import chain_hashes, chain_root
 
+from . import saved as saved_sessions
 from .kv import KVManager
+from .kv.manager import BlocksLost
 from .model import Model
+
+MAX_LOSSES = 8  # recomputations in one call before the store is declared too small to make progress
+OPTIONS = ("mode", "budget_tokens", "importance", "prefetch", "page_tokens", "sink_tokens", "window_tokens",
+           "dense_layers", "chunk_tokens", "cache_salt")
 
 
 class Session:
@@ -25,11 +37,14 @@ class Session:
     model          a runtime.Model
     store_config   the tiered store to create for this session (its `layers` and `fingerprint`
                    are filled in from the model); or pass `store=` to share an open store
-    mode           "exact" (every block takes part) or "sparse" (decode reads a budget of blocks)
-    budget_tokens  sparse mode: tokens read per layer and decode step
+    mode           "exact" (every block takes part) or "sparse" (decode reads a budget of tokens)
+    budget_tokens  sparse mode: tokens each KV head reads per layer and decode step
     importance     sparse mode: importance estimator name (policies.IMPORTANCE)
     prefetch       prefetch policy name (policies.PREFETCH)
-    sink_blocks, window_blocks   sparse mode: blocks always read at the start and at the end
+    page_tokens, sink_tokens, window_tokens, dense_layers   sparse mode: see runtime.KVManager
+    chunk_tokens   prefill chunk: longer inputs are computed this many tokens at a time
+    cache_salt     a tenant's salt: blocks are shared only between sessions with the same salt
+    session_id     1..128 letters, digits, '.', '_', '-'; a random one by default
     """
 
     def __init__(
@@ -43,60 +58,65 @@ class Session:
         *,
         store: TieredStore | None = None,
         session_id: str | None = None,
-        sink_blocks: int = 1,
-        window_blocks: int = 2,
+        page_tokens: int = 16,
+        sink_tokens: int = 16,
+        window_tokens: int = 32,
+        dense_layers: int = 2,
+        chunk_tokens: int = 512,
+        cache_salt: str = "",
     ) -> None:
         cfg = model.config
+        session_id = saved_sessions.check_session_id(session_id or uuid.uuid4().hex)
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be an int > 0, got {chunk_tokens!r}")
         if store is None:
-            store_config = store_config if store_config is not None else StoreConfig()
-            if not isinstance(store_config, StoreConfig):
-                raise TypeError(f"store_config must be a StoreConfig, got {type(store_config).__name__}")
-            store_config = dataclasses.replace(
-                store_config, layers=store_config.layers or cfg.num_layers, fingerprint=store_config.fingerprint or model.fingerprint
-            )
-            store = TieredStore(store_config)
+            store = TieredStore(model_store_config(model, store_config))
             self._owns_store = True
         elif store_config is not None:
             raise ValueError("pass store_config or store, not both")
         else:
             self._owns_store = False
+            if store.config.fingerprint and store.config.fingerprint != model.fingerprint:
+                raise ValueError("the store was made for another model (its fingerprint differs from the model's)")
         self.model = model
         self.store = store
-        self.session_id = session_id or uuid.uuid4().hex
+        self.session_id = session_id
+        self.options = dict(mode=mode, budget_tokens=budget_tokens, importance=importance, prefetch=prefetch,
+                            page_tokens=page_tokens, sink_tokens=sink_tokens, window_tokens=window_tokens,
+                            dense_layers=dense_layers, chunk_tokens=chunk_tokens, cache_salt=cache_salt)
         try:
             self.kv = KVManager(
-                store, self.session_id, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                store, f"s:{session_id}", cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                 mode=mode, budget_tokens=budget_tokens, importance=importance, prefetch=prefetch,
-                sink_blocks=sink_blocks, window_blocks=window_blocks,
+                page_tokens=page_tokens, sink_tokens=sink_tokens, window_tokens=window_tokens, dense_layers=dense_layers,
             )
+            self._root = chain_root(model.fingerprint, store.config.block_tokens, cache_salt)
         except BaseException:
             self._close_store()
             raise
-        self.tokens: list[int] = []  # the token log: every token the cache holds, in order
-        self._last_logits: Tensor | None = None  # [vocab] after the last token
+        self.tokens: list[int] = []  # the token log: every token of the conversation, in order
+        self._digests: list[bytes] = []  # content hashes of the log's full blocks
+        self._last_logits: Tensor | None = None  # [vocab] after the last token, once computed
         self._timing = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+        self._counts = {"reused_tokens": 0, "computed_tokens": 0, "recomputed_tokens": 0}
         self._closed = False
 
-    def extend(self, token_ids: Iterable[int] | Tensor) -> Tensor:
-        """Feed tokens (teacher forcing); returns logits [n, vocab] float32, row i predicting token i+1.
+    # -- the conversation -----------------------------------------------------------------------
 
-        Callers chunk long inputs. If anything fails, the session is as it was before the call.
+    def extend(self, token_ids: Iterable[int] | Tensor) -> Tensor:
+        """Feed tokens (teacher forcing); returns logits [m, vocab] float32 for the last m tokens of
+        `token_ids`, row i predicting the token after the i-th of them.
+
+        m is the number of new tokens the session computed: tokens whose blocks the store already
+        held (a cached prefix) are reused, not computed, and have no row; the last token is always
+        computed, so m >= 1. If anything fails, the session is as it was before the call.
         """
         self._check_open()
-        ids = _as_ids(token_ids)
-        start = len(self.tokens)
-        positions = torch.arange(start, start + ids.numel())
-        begin_s = time.perf_counter()
-        try:
-            logits = self.model.forward(ids, positions, self.kv)
-        except BaseException:
-            self.kv.truncate(start)
-            raise
-        kind = "decode" if ids.numel() == 1 else "prefill"
-        self._timing[f"{kind}_s"] += time.perf_counter() - begin_s
-        self._timing[f"{kind}_tokens"] += ids.numel()
-        self.tokens.extend(ids.tolist())
-        self._last_logits = logits[-1]
+        ids = _as_ids(token_ids).tolist()
+        log = self.tokens + ids
+        self._check_fits(len(log))
+        logits = self._catch_up(log, len(self.tokens))
+        self.tokens = log
         return logits
 
     def stream(
@@ -110,17 +130,20 @@ class Session:
 
         temperature 0 is greedy; above 0, tokens are sampled (reproducibly with `seed`). Generation
         ends before a token in `stop` (default: the tokenizer's end-of-turn and end-of-text tokens),
-        which is neither yielded nor added. Every yielded token is in the cache.
+        which is neither yielded nor added. Every yielded token is in the token log.
         """
         self._check_open()
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if self._last_logits is None:
+        if not self.tokens:
             raise ValueError("generate needs a prompt: call extend() first")
         stops = set(stop_token_ids(self.model.tokenizer) if stop is None else stop)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if self._last_logits is None:  # resumed: compute the last token (again)
+            self.kv.truncate(min(self.kv.tokens, len(self.tokens) - 1))
+            self._catch_up(self.tokens, len(self.tokens) - 1)
         for _ in range(max_new_tokens):
             token = _choose(self._last_logits, temperature, generator)
             if token in stops:
@@ -139,7 +162,12 @@ class Session:
         return list(self.stream(max_new_tokens, temperature, stop, seed))
 
     def stats(self) -> dict:
-        """Tokens, prefill and decode speed, the KV manager's counters and the store's."""
+        """Tokens, prefill and decode speed, reuse, the KV manager's counters and the store's.
+
+        reused_tokens: tokens whose blocks were taken from the store instead of computed;
+        computed_tokens: new tokens computed; recomputed_tokens: tokens of the log computed again
+        because their blocks were lost (evicted from every tier, damaged, or never cached here).
+        """
         timing = dict(self._timing)
         for kind in ("prefill", "decode"):
             seconds = timing[f"{kind}_s"]
@@ -148,25 +176,162 @@ class Session:
             "session_id": self.session_id,
             "tokens": len(self.tokens),
             **timing,
+            **self._counts,
             "kv": dataclasses.asdict(self.kv.counters),
             "store": self.store.stats(),
         }
 
+    # -- persistence ----------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Record this session durably next to the disk tier (atomic: a killed save leaves the
+        previous one); sealed blocks are flushed to disk first. Returns the manifest's path."""
+        self._check_open()
+        disk_dir = _disk_dir(self.store)
+        self.store.flush()
+        record = saved_sessions.SavedSession(
+            session_id=self.session_id, fingerprint=self.model.fingerprint, block_tokens=self.store.config.block_tokens,
+            tokens=list(self.tokens), options=dict(self.options), saved_at_s=saved_sessions.now_s(),
+        )
+        return saved_sessions.write(disk_dir, record)
+
+    @classmethod
+    def resume(
+        cls, model: Model, session_id: str, store_config: StoreConfig | None = None, *, store: TieredStore | None = None
+    ) -> Session:
+        """Reopen the saved session `session_id` from the disk tier of `store` (or of a store made
+        from `store_config`). The next extend or generate continues as the saved session would
+        have; its KV is taken from the store where it is cached and recomputed where it is not."""
+        disk_dir = _disk_dir(store) if store is not None else _disk_dir_of(store_config)
+        record = saved_sessions.read(disk_dir, session_id)
+        if record.fingerprint != model.fingerprint:
+            raise ValueError(f"saved session {session_id!r} was made with another model (fingerprint "
+                             f"{record.fingerprint[:12]}..., this model's is {model.fingerprint[:12]}...)")
+        session = cls(model, store_config, store=store, session_id=session_id, **record.options)
+        if record.block_tokens != session.store.config.block_tokens:
+            session.close()
+            raise ValueError(f"saved session {session_id!r} used block_tokens={record.block_tokens}; "
+                             f"this store has {session.store.config.block_tokens}")
+        session.tokens = list(record.tokens)
+        return session
+
+    @staticmethod
+    def saved(where: TieredStore | StoreConfig | str | Path) -> list[dict]:
+        """Summaries of the sessions saved in a store's disk directory (or a directory), oldest first."""
+        if isinstance(where, TieredStore):
+            where = _disk_dir(where)
+        elif isinstance(where, StoreConfig):
+            where = _disk_dir_of(where)
+        return [record.summary() for record in saved_sessions.listing(where)]
+
+    def delete(self) -> None:
+        """Remove this session's save (if any) and close it."""
+        if self.store.config.disk_dir is not None:
+            saved_sessions.delete(self.store.config.disk_dir, self.session_id)
+        self.close()
+
     def close(self) -> None:
-        """Drop this session's blocks (or close the store it made). Idempotent."""
+        """Let go of this session's blocks (shared ones stay cached), or close the store it made. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._owns_store:
+        try:
+            self.kv.release()
+        finally:
             self._close_store()
-        else:
-            self.kv.drop()
 
     def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _catch_up(self, log: list[int], rows_from: int) -> Tensor:
+        """Bring the KV cache to all of `log`: adopt cached blocks, compute the rest in chunks,
+        recompute lost blocks. Returns the logits of positions rows_from.. ([m, vocab])."""
+        kv, block = self.kv, self.store.config.block_tokens
+        before = kv.tokens
+        chunks: list[tuple[int, Tensor]] = []  # (first position, logits) of every computed chunk
+        losses = 0
+        try:
+            while kv.tokens < len(log):
+                self._adopt(log)
+                start = kv.tokens
+                end = min(len(log), start + self.options["chunk_tokens"])
+                try:
+                    logits = self._forward(log[start:end], start, len(self.tokens))
+                except BlocksLost as lost:
+                    losses += 1
+                    if losses > MAX_LOSSES:
+                        raise RuntimeError(
+                            f"blocks were lost {losses} times in one call: the store is too small for the "
+                            "sessions sharing it (raise its capacity)"
+                        ) from lost
+                    kv.truncate(min(start, lost.index * block))
+                    chunks = [(first, rows[: kv.tokens - first]) for first, rows in chunks if first < kv.tokens]
+                    continue
+                chunks.append((start, logits))
+                self._seal(log)
+        except BaseException:
+            kv.truncate(min(before, kv.tokens))
+            raise
+        self._last_logits = chunks[-1][1][-1] if chunks and chunks[-1][0] + chunks[-1][1].shape[0] == len(log) else None
+        rows = [logits[max(0, rows_from - first):] for first, logits in chunks if first + logits.shape[0] > rows_from]
+        return torch.cat(rows) if rows else torch.empty(0, self.model.config.vocab_size)
+
+    def _adopt(self, log: list[int]) -> None:
+        """Take cached blocks from the store for log's next whole blocks, all but the last token's."""
+        kv, block = self.kv, self.store.config.block_tokens
+        if kv.tokens % block or kv.sealed_blocks * block != kv.tokens:
+            return
+        first, last = kv.tokens // block, (len(log) - 1) // block
+        if first >= last:
+            return
+        taken = kv.adopt(self._digests_of(log)[first:last])
+        self._counts["reused_tokens"] += taken * block
+
+    def _forward(self, ids: list[int], start: int, known: int) -> Tensor:
+        """Compute tokens at positions start.. (`known`: how many of them the log held before)."""
+        kind = "decode" if len(ids) == 1 else "prefill"
+        begin_s = time.perf_counter()
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.int64), torch.arange(start, start + len(ids)), self.kv)
+        self._timing[f"{kind}_s"] += time.perf_counter() - begin_s
+        self._timing[f"{kind}_tokens"] += len(ids)
+        again = max(0, min(known, start + len(ids)) - start)
+        self._counts["recomputed_tokens"] += again
+        self._counts["computed_tokens"] += len(ids) - again
+        return logits
+
+    def _seal(self, log: list[int]) -> None:
+        kv, block = self.kv, self.store.config.block_tokens
+        full = kv.tokens // block
+        if full > kv.sealed_blocks:
+            kv.seal(self._digests_of(log)[kv.sealed_blocks : full])
+
+    def _digests_of(self, log: list[int]) -> list[bytes]:
+        """Content hashes of log's full blocks (the known ones are kept: logs only grow at the end)."""
+        block = self.store.config.block_tokens
+        known = min(len(self._digests), len(self.tokens) // block)
+        if len(log) // block > known:
+            parent = self._digests[known - 1] if known else None
+            self._digests[known:] = chain_hashes(self._root, log[known * block :], block, parent)
+        return self._digests[: len(log) // block]
+
+    def _check_fits(self, tokens: int) -> None:
+        cfg = self.model.config
+        if tokens > cfg.max_position_embeddings:
+            raise ValueError(f"the conversation would hold {tokens} tokens; the model takes at most "
+                             f"{cfg.max_position_embeddings}")
+        needed = cfg.num_layers * -(-tokens // self.store.config.block_tokens)
+        capacity = self.store.capacity_blocks(cfg.num_kv_heads, cfg.head_dim, self.model.dtype)
+        if needed > capacity:
+            block_bytes = 2 * cfg.num_kv_heads * self.store.config.block_tokens * cfg.head_dim * self.model.dtype.itemsize
+            raise ValueError(
+                f"{tokens} tokens need {needed} blocks ({needed * block_bytes / 2**20:.1f} MiB of KV); this store's "
+                f"tiers hold at most {capacity} blocks: raise device_bytes, host_bytes or disk_bytes"
+            )
 
     def _close_store(self) -> None:
         if self._owns_store:
@@ -175,6 +340,28 @@ class Session:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the session is closed")
+
+
+def model_store_config(model: Model, store_config: StoreConfig | None) -> StoreConfig:
+    """`store_config` (default StoreConfig()) with the model's layer count and fingerprint filled in."""
+    config = store_config if store_config is not None else StoreConfig()
+    if not isinstance(config, StoreConfig):
+        raise TypeError(f"store_config must be a StoreConfig, got {type(config).__name__}")
+    if config.fingerprint and config.fingerprint != model.fingerprint:
+        raise ValueError("store_config.fingerprint names another model")
+    return dataclasses.replace(config, layers=config.layers or model.config.num_layers, fingerprint=model.fingerprint)
+
+
+def _disk_dir(store: TieredStore) -> Path:
+    if store.config.disk_dir is None:
+        raise ValueError("saved sessions live next to the disk tier: this store has none (set StoreConfig.disk_dir)")
+    return Path(store.config.disk_dir)
+
+
+def _disk_dir_of(config: StoreConfig | None) -> Path:
+    if config is None or config.disk_dir is None:
+        raise ValueError("saved sessions live next to the disk tier: pass a store_config with disk_dir")
+    return Path(config.disk_dir)
 
 
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>")
@@ -202,6 +389,8 @@ def _as_ids(token_ids: Iterable[int] | Tensor) -> Tensor:
         ids = torch.tensor(ids_list, dtype=torch.int64)
     if ids.numel() == 0:
         raise ValueError("token_ids must not be empty")
+    if int(ids.min()) < 0:
+        raise ValueError("token_ids must be >= 0")
     return ids
 
 

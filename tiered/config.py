@@ -13,6 +13,7 @@ from policies import make_eviction
 from .codecs import make_codec
 from .disk.log import DURABILITY_MODES
 
+DISK_WRITE_MODES = ("through", "back")
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -50,6 +51,10 @@ class StoreConfig:
     disk_segment_bytes  a segment file seals past min(this, disk_bytes / 8), and at least 64 KiB
     disk_compact_live_fraction  sealed segments with less live data than this fraction are
                   compacted in the background (0 turns compaction off)
+    disk_write    "through" (default): a block is written to the disk tier in the background as
+                  soon as it is sealed (full and content-addressed), and stays there when promoted,
+                  so a crash loses no sealed block and another process can reuse it; "back": blocks
+                  reach the disk only when evicted from the host tier
     """
 
     device: str = field(default_factory=default_device)
@@ -70,6 +75,7 @@ class StoreConfig:
     disk_zstd_threads: int = 0
     disk_segment_bytes: int = 64 * MiB
     disk_compact_live_fraction: float = 0.5
+    disk_write: str = "through"
 
     def __post_init__(self) -> None:
         for name in ("device_bytes", "host_bytes", "disk_bytes", "block_tokens", "prefetch_threads",
@@ -123,6 +129,8 @@ class StoreConfig:
         fraction = self.disk_compact_live_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
             raise TypeError(f"StoreConfig.disk_compact_live_fraction must be a float, got {type(fraction).__name__}")
+        if self.disk_write not in DISK_WRITE_MODES:
+            raise ValueError(f"StoreConfig.disk_write must be one of {list(DISK_WRITE_MODES)}, got {self.disk_write!r}")
         if not 0 <= fraction < 1:
             raise ValueError(f"StoreConfig.disk_compact_live_fraction must be in [0, 1), got {fraction}")
 

@@ -29,6 +29,12 @@ class StoreCounters:
     misses: int = 0  # gets that found it nowhere
     removes: int = 0  # remove() calls that removed a block
     prefetch_requests: int = 0  # keys passed to prefetch()
+    sealed: int = 0  # full blocks relabelled with their content key
+    seal_hits: int = 0  # seals that found the content already stored (the copy was dropped)
+    write_through_blocks: int = 0  # sealed blocks written through to the disk tier
+    write_through_bytes: int = 0  # their bytes, as the disk codec encodes them (before compression)
+    write_through_errors: int = 0  # write-throughs that failed (the block stayed where it was)
+    last_write_error: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)

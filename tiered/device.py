@@ -53,9 +53,11 @@ class DeviceTier(Tier):
         self.room_slots = self.slots_for(layout)
         slots = self.room_slots * self.rooms
         shape = (layout.kv_heads, slots, layout.block_tokens, layout.head_dim)
-        # keys_pool, values_pool: [kv_heads, slots, block_tokens, head_dim]
-        self.keys_pool = torch.empty(shape, dtype=layout.dtype, device=self.device)
-        self.values_pool = torch.empty(shape, dtype=layout.dtype, device=self.device)
+        # keys_pool, values_pool: [kv_heads, slots, block_tokens, head_dim]; plain tensors even when the
+        # first put comes from inside torch.inference_mode, so writes outside it stay allowed
+        with torch.inference_mode(False):
+            self.keys_pool = torch.empty(shape, dtype=layout.dtype, device=self.device)
+            self.values_pool = torch.empty(shape, dtype=layout.dtype, device=self.device)
         self._free = [
             list(range((room + 1) * self.room_slots - 1, room * self.room_slots - 1, -1)) for room in range(self.rooms)
         ]
@@ -117,6 +119,15 @@ class DeviceTier(Tier):
         self._slot_keys[slot][:, offset:end].copy_(keys)
         self._slot_values[slot][:, offset:end].copy_(values)
         self._slots[key] = (slot, max(tokens, end))
+
+    def rename(self, old: BlockKey, new: BlockKey) -> list[BlockKey]:
+        """Relabel `old`'s slot in place (both keys must take room from the same layer's room)."""
+        if self.room_of(old) != self.room_of(new):
+            raise ValueError(f"{old} and {new} belong to different rooms of the device tier")
+        if new in self._slots:
+            raise KeyError(f"{new} is already in the device tier")
+        self._slots[new] = self._slots.pop(old)
+        return []
 
     def remove(self, key: BlockKey) -> bool:
         entry = self._slots.pop(key, None)

@@ -83,6 +83,13 @@ class HostTier(Tier):
         self._items[key] = (Encoded(item.codec, item.dtype, item.shape, buffer, ready), slot)
         return []
 
+    def rename(self, old: BlockKey, new: BlockKey) -> list[BlockKey]:
+        """Relabel `old`'s slot in place."""
+        if new in self._items:
+            raise KeyError(f"{new} is already in the host tier")
+        self._items[new] = self._items.pop(old)
+        return []
+
     def remove(self, key: BlockKey) -> bool:
         entry = self._items.pop(key, None)
         if entry is None:
@@ -123,7 +130,8 @@ class HostTier(Tier):
         count = min(max(1, CHUNK_BYTES // max(self.slot_bytes, 1)), self._max_slots + 1 - allocated)
         if count <= 0:
             return False
-        chunk = torch.empty((count, self.slot_bytes), dtype=torch.uint8, pin_memory=self.pin)  # [slots, slot_bytes]
+        with torch.inference_mode(False):  # a plain tensor, writable outside inference mode too
+            chunk = torch.empty((count, self.slot_bytes), dtype=torch.uint8, pin_memory=self.pin)  # [slots, slot_bytes]
         self._chunks.append(chunk)
         self._free.extend(reversed(chunk.unbind(0)))
         return True

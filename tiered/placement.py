@@ -8,6 +8,7 @@ around every call.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Iterable
 
 import torch
@@ -16,15 +17,22 @@ from policies import BlockStats, EvictionPolicy
 
 from .block import BlockKey, BlockLayout, KVBlock
 from .codecs import Codec, Encoded
+from .content import is_content_key
 from .counters import TierCounters
 from .device import DeviceTier
 from .tier import Tier
 
 DEVICE = 0  # index of the top tier
+VICTIM_SCAN = 64  # candidates looked through for an unreferenced block before taking a referenced one
 
 
 class Placement:
-    """The tiers, top first, with each tier's codec (None for the device) and eviction policy."""
+    """The tiers, top first, with each tier's codec (None for the device) and eviction policy.
+
+    `persistent`: the bottom tier keeps what it holds across processes (the disk tier). Blocks
+    written through to it (`write_through`) are held twice: in the tier `where` names and in
+    `persisted`, so demoting them there costs nothing and promoting them leaves the copy behind.
+    """
 
     def __init__(
         self,
@@ -33,13 +41,18 @@ class Placement:
         policies: list[EvictionPolicy],
         device: torch.device,
         block_tokens: int,
+        persistent: bool = False,
     ) -> None:
         self.tiers, self.codecs, self.policies = tiers, codecs, policies
         self.device, self.block_tokens = device, block_tokens
         self.stats: list[dict[BlockKey, BlockStats]] = [{} for _ in tiers]  # per tier: what policies see
-        self.where: dict[BlockKey, int] = {}  # key -> index of its tier
+        self.where: dict[BlockKey, int] = {}  # key -> index of its tier (the highest that holds it)
         self.counters = [TierCounters() for _ in tiers]
         self.step = 0  # the logical clock: one tick per operation
+        # Write-through: the persistent bottom tier also holds a copy of these keys, which live above it.
+        self.persistent = len(tiers) - 1 if persistent else None
+        self.persisted: set[BlockKey] = set()
+        self.refs: Counter[BlockKey] = Counter()  # readers (sessions) of each block; see TieredStore.retain
 
     @property
     def device_tier(self) -> DeviceTier:
@@ -120,7 +133,11 @@ class Placement:
             self.device_tier.remove(key)
             raise
         if key in self.where:  # still below, unless room-making dropped it from a self-evicting tier
-            self.discard(key)
+            if t == self.persistent and is_content_key(key):  # immutable: the copy stays valid
+                self.untrack(key)
+                self.persisted.add(key)
+            else:
+                self.discard(key)
         self.counters[t].promotions += 1
         self.counters[t].bytes_out += item.nbytes
         self.counters[DEVICE].bytes_in += slot.nbytes
@@ -148,17 +165,25 @@ class Placement:
         if leaving in self.stats[t] and tier.room_of(leaving) == room:
             credit = self.stats[t][leaving].nbytes
         while tier.free_bytes_for(for_key) + credit < nbytes:
-            victim = next(
-                (
-                    k
-                    for k in self.policies[t].candidates()
-                    if k != leaving and k not in protected and tier.room_of(k) == room
-                ),
-                None,
-            )
+            victim = self._victim(t, room, leaving, protected)
             if victim is None:
                 raise RuntimeError(f"the {tier.name} tier cannot make room for {nbytes} bytes")
             self.demote(victim, t, leaving)
+
+    def _victim(self, t: int, room: int, leaving: BlockKey | None, protected: Collection[BlockKey]) -> BlockKey | None:
+        """The policy's first candidate in `room`; out of the bottom tier (the store), the first
+        that no session reads among the next VICTIM_SCAN, if there is one."""
+        tier, bottom, fallback, scanned = self.tiers[t], t == len(self.tiers) - 1, None, 0
+        for key in self.policies[t].candidates():
+            if key == leaving or key in protected or tier.room_of(key) != room:
+                continue
+            if not bottom or not self.refs[key]:
+                return key
+            fallback = key if fallback is None else fallback
+            scanned += 1
+            if scanned == VICTIM_SCAN:
+                break
+        return fallback
 
     def demote(self, key: BlockKey, t: int, leaving: BlockKey | None = None) -> None:
         """Move `key` from tier t one tier down, or out of the store from the bottom tier.
@@ -170,14 +195,20 @@ class Placement:
             self.discard(key)
             self.counters[t].dropped += 1
             return
+        if t + 1 == self.persistent and key in self.persisted:  # already written through: drop this copy
+            stats = self.untrack(key)
+            source.remove(key)
+            self.persisted.discard(key)
+            self.track(key, t + 1, self.tiers[t + 1].held(key)[0], stats=stats)
+            self.counters[t].evictions += 1
+            return
         item = source.get(key)
         target = self.tiers[t + 1]
         encoded = self.encode_for(t + 1, item, t)
         nbytes = target.charge(encoded)
         self.make_room(t + 1, nbytes, key, leaving)
         dropped = target.put(key, encoded)
-        stats = self.stats[t].pop(key)
-        self.policies[t].on_remove(key)
+        stats = self.untrack(key)
         source.remove(key)
         self.track(key, t + 1, nbytes, stats=stats)
         self.counters[t].evictions += 1
@@ -222,19 +253,49 @@ class Placement:
         return stats
 
     def discard(self, key: BlockKey) -> None:
-        """Remove `key` from its tier and forget it."""
-        t = self.where.pop(key)
-        del self.stats[t][key]
-        self.policies[t].on_remove(key)
+        """Remove `key` from its tier (and its written-through copy) and forget it."""
+        t = self.where[key]
+        self.untrack(key)
         self.tiers[t].remove(key)
+        if key in self.persisted:
+            self.persisted.discard(key)
+            self.tiers[self.persistent].remove(key)
+
+    def untrack(self, key: BlockKey) -> BlockStats:
+        """Forget where `key` lives (its tier still holds it); its statistics."""
+        t = self.where.pop(key)
+        self.policies[t].on_remove(key)
+        return self.stats[t].pop(key)
+
+    def rename(self, old: BlockKey, new: BlockKey) -> None:
+        """Relabel the block of `old` as `new` (absent) where it lies, statistics and all."""
+        t = self.where[old]
+        dropped = self.tiers[t].rename(old, new)
+        stats = self.untrack(old)
+        self.stats[t][new] = stats
+        self.policies[t].on_insert(new, stats)
+        self.where[new] = t
+        self.forget(dropped, t)
+
+    def write_through(self, key: BlockKey) -> int:
+        """Copy `key`'s block into the persistent tier, where it stays; bytes written (0: nothing to do)."""
+        t = self.where.get(key)
+        if self.persistent is None or t is None or t == self.persistent or key in self.persisted:
+            return 0
+        encoded = self.encode_for(self.persistent, self.tiers[t].get(key), t)
+        dropped = self.tiers[self.persistent].put(key, encoded)
+        self.persisted.add(key)
+        self.forget(dropped, self.persistent)
+        self.counters[self.persistent].bytes_in += encoded.nbytes
+        return encoded.nbytes
 
     def forget(self, keys: Iterable[BlockKey], t: int, leaving: BlockKey | None = None) -> None:
         """Keys tier t already dropped on its own: they leave the store. `leaving` is on its way up
         (its block already read out of tier t) or being replaced, so it is not counted as dropped."""
         for key in keys:
             if self.where.get(key) == t:
-                del self.where[key]
-                del self.stats[t][key]
-                self.policies[t].on_remove(key)
+                self.untrack(key)
                 if key != leaving:
                     self.counters[t].dropped += 1
+            elif t == self.persistent:  # a written-through copy: the block still lives above
+                self.persisted.discard(key)

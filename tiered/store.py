@@ -1,9 +1,14 @@
 """TieredStore: blocks in a hierarchy of tiers, moved down when a tier is full and up when read.
 
-A block lives in exactly one tier. `put` lands in the device tier; when a tier has no room its
+A block lives in one tier. `put` lands in the device tier; when a tier has no room its
 eviction policy names victims, which move one tier down through that tier's codec (and leave
 the store from the bottom tier); `get` promotes to the device tier; `prefetch` promotes in the
 background. One lock serializes every operation, so the store is safe to share between threads.
+
+Sessions share full blocks by content (tiered.content): `seal` relabels a filled block with its
+content key (or finds that key already stored and drops the copy), `retain`/`release` count the
+sessions reading a block, and with a disk tier sealed blocks are written through to it in the
+background (`disk_write="through"`), so they outlive the process as soon as `flush` returns.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from policies import BlockStats, make_eviction
 from .block import BlockKey, BlockLayout, KVBlock
 from .codecs import Codec, make_codec
 from .config import StoreConfig
+from .content import is_content_key
 from .counters import StoreCounters
 from .device import DeviceTier
 from .disk import DiskTier
@@ -29,6 +35,8 @@ from .gather import read_joined
 from .host import HostTier
 from .placement import DEVICE, Placement
 from .tier import Tier
+
+WRITE_BATCH = 64  # write-throughs per hold of the store's lock
 
 
 class TieredStore:
@@ -49,11 +57,15 @@ class TieredStore:
             codecs.append(make_codec(config.disk_codec))
             tiers.append(self._open_disk(config, codecs[-1]))
         policies = [make_eviction(config.eviction, **config.eviction_kwargs) for _ in tiers]  # one per tier
-        self._place = Placement(tiers, codecs, policies, self.device, config.block_tokens)
+        write_through = config.disk_dir is not None and config.disk_write == "through"
+        self._place = Placement(tiers, codecs, policies, self.device, config.block_tokens, persistent=write_through)
         self._counters = StoreCounters()
         self._lock = threading.RLock()
         self._closed = False
         self._executor = ThreadPoolExecutor(config.prefetch_threads, thread_name_prefix="tiered-prefetch")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tiered-write-through")
+        self._pending_writes: list[BlockKey] = []
+        self._write_job: Future | None = None
         for t in range(1, len(tiers)):
             for key in tiers[t].keys():  # blocks a persistent tier kept from an earlier run
                 held = tiers[t].held(key)
@@ -146,6 +158,8 @@ class TieredStore:
         self._check_layer(key)
         if isinstance(offset, bool) or not isinstance(offset, int):
             raise TypeError(f"offset must be int, got {type(offset).__name__}")
+        if is_content_key(key):
+            raise ValueError(f"{key} is content-addressed, so immutable: write to the session's own block")
         block = KVBlock(keys, values)  # validates shapes and dtypes
         with self._lock:
             self._check_open()
@@ -206,6 +220,85 @@ class TieredStore:
                 stats.score = float(score)
                 self._place.policies[t].on_update(key, stats)
 
+    def seal(self, key: BlockKey, content_key: BlockKey) -> bool:
+        """Relabel the full block `key` as `content_key`, the address of what it holds (tiered.content).
+
+        True if the block now lives under `content_key`; False if `content_key` was stored already:
+        then `key` is removed and the stored block (same tokens, same model) serves instead. With
+        write-through, the sealed block is queued for the disk tier. References move with it.
+        """
+        self._check_layer(key)
+        self._check_layer(content_key)
+        if key.layer != content_key.layer:
+            raise ValueError(f"a block keeps its layer when sealed: {key} -> {content_key}")
+        with self._lock:
+            self._check_open()
+            place = self._place
+            if key not in place.where:
+                raise KeyError(f"{key} is not stored")
+            full = place.stats[place.where[key]][key].tokens
+            if full != self.config.block_tokens:
+                raise ValueError(f"only full blocks are sealed; {key} holds {full} of {self.config.block_tokens} tokens")
+            refs = place.refs.pop(key, 0)
+            if refs:
+                place.refs[content_key] += refs
+            if content_key in place.where:
+                place.discard(key)
+                self._counters.seal_hits += 1
+                return False
+            place.rename(key, content_key)
+            self._counters.sealed += 1
+            if place.persistent is not None:
+                self._queue_write(content_key)
+            return True
+
+    def retain(self, keys: Iterable[BlockKey]) -> None:
+        """Count one more reader of each key. Blocks with readers leave the store last."""
+        with self._lock:
+            self._place.refs.update(keys)
+
+    def release(self, keys: Iterable[BlockKey]) -> None:
+        """Count one reader less of each key (a retain's undo)."""
+        with self._lock:
+            refs = self._place.refs
+            for key in keys:
+                if refs[key] <= 1:
+                    refs.pop(key, None)
+                else:
+                    refs[key] -= 1
+
+    def references(self, key: BlockKey) -> int:
+        """Readers of `key` (retains not yet released)."""
+        with self._lock:
+            return self._place.refs[key]
+
+    def holding(self, keys: Iterable[BlockKey]) -> list[bool]:
+        """For each key, whether some tier holds it (one lock for all)."""
+        with self._lock:
+            where = self._place.where
+            return [key in where for key in keys]
+
+    def flush(self) -> None:
+        """Wait until every queued write-through is on disk and durable (a no-op without one)."""
+        with self._lock:
+            self._check_open()
+            job = self._write_job
+        if job is not None:
+            job.result()
+        with self._lock:
+            if self._place.persistent is not None:
+                self._place.tiers[self._place.persistent].sync()
+
+    def capacity_blocks(self, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """How many full blocks of that shape the tiers hold together (disk: uncompressed, a lower bound)."""
+        layout = BlockLayout(kv_heads, self.config.block_tokens, head_dim, dtype)
+        place = self._place
+        total = place.device_tier.slots_for(layout) * place.device_tier.rooms
+        for t in range(1, len(place.tiers)):
+            nbytes = place.codecs[t].encoded_nbytes(kv_heads, layout.block_tokens, head_dim, dtype)
+            total += place.tiers[t].capacity_bytes // place.tiers[t].charge_for(nbytes)
+        return total
+
     def where(self, key: BlockKey) -> str | None:
         """Name of the tier holding `key` ("device", "host", "disk"), or None."""
         _check_key(key)
@@ -244,10 +337,12 @@ class TieredStore:
             place = self._place
             out = self._counters.as_dict()
             out["step"] = place.step
+            out["persisted_blocks"] = len(place.persisted)
+            out["referenced_blocks"] = len(place.refs)
             out["tiers"] = {}
             for t, tier in enumerate(place.tiers):
                 entry = place.counters[t].as_dict()
-                entry.update(blocks=len(place.stats[t]), used_bytes=tier.used_bytes, capacity_bytes=tier.capacity_bytes)
+                entry.update(blocks=len(tier), used_bytes=tier.used_bytes, capacity_bytes=tier.capacity_bytes)
                 out["tiers"][tier.name] = entry
             return out
 
@@ -277,6 +372,7 @@ class TieredStore:
                 return
             self._closed = True
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True)  # queued write-throughs finish: sealed blocks reach the disk
         with self._lock:
             for tier in self._place.tiers:
                 tier.close()
@@ -324,6 +420,30 @@ class TieredStore:
         self._counters.hits += 1
         place.counters[t].hits += 1
         return place.device_tier.get(key).clone()
+
+    def _queue_write(self, key: BlockKey) -> None:
+        self._pending_writes.append(key)
+        if self._write_job is None or self._write_job.done():
+            self._write_job = self._writer.submit(self._write_pending)
+
+    def _write_pending(self) -> None:
+        """Write queued sealed blocks through to disk, a batch per hold of the lock, until none is left."""
+        while True:
+            with self._lock:
+                if self._closed and not self._pending_writes:
+                    return
+                batch, self._pending_writes = self._pending_writes[:WRITE_BATCH], self._pending_writes[WRITE_BATCH:]
+                if not batch:
+                    return
+                for key in batch:
+                    try:
+                        nbytes = self._place.write_through(key)
+                    except OSError as error:  # a full or failing disk: the block stays where it is, counted
+                        self._counters.write_through_errors += 1
+                        self._counters.last_write_error = str(error)
+                        continue
+                    self._counters.write_through_blocks += nbytes > 0
+                    self._counters.write_through_bytes += nbytes
 
     def _prefetch(self, keys: list[BlockKey]) -> int:
         """Promote `keys` in order; the batch's blocks on the device are not evicted by the batch."""

@@ -39,9 +39,26 @@ class Tier(ABC):
     def remove(self, key: BlockKey) -> bool:
         """Forget `key`; True if it was there. Views returned by get for it become invalid."""
 
+    def rename(self, old: BlockKey, new: BlockKey) -> list[BlockKey]:
+        """Hold the item of `old` under `new` (a key the tier does not hold); `old` is then absent.
+
+        Returns keys the tier dropped to do it. KeyError if `old` is absent or unreadable. The
+        default copies the item; a tier that can relabel it in place overrides this.
+        """
+        item = self.get(old)
+        if item is None:
+            raise KeyError(f"{old} is not in the {self.name} tier")
+        dropped = self.put(new, item)
+        self.remove(old)
+        return dropped
+
     @abstractmethod
     def charge(self, item: Any) -> int:
         """Bytes of capacity `item` would take in this tier."""
+
+    def charge_for(self, nbytes: int) -> int:
+        """Bytes of capacity an item of `nbytes` payload bytes would take (the tier's overhead included)."""
+        return nbytes
 
     @abstractmethod
     def keys(self) -> Iterator[BlockKey]:

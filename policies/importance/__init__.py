@@ -8,7 +8,7 @@ from .h2o import H2O
 from .oracle import Oracle
 from .quest import Quest, quest_bound
 from .recency import Recency
-from .select import protected_blocks, rank_blocks, select_blocks, select_unprotected
+from .select import protected_blocks, rank_blocks, select_blocks, select_per_head, select_unprotected
 from .snapkv import SnapKV
 from .tensors import block_mass, group_heads, key_bounds
 from .tova import TOVA
@@ -39,5 +39,6 @@ __all__ = [
     "quest_bound",
     "rank_blocks",
     "select_blocks",
+    "select_per_head",
     "select_unprotected",
 ]

@@ -62,3 +62,25 @@ def select_unprotected(
     )
     protected = set(protected_blocks(block_scores.shape[0], sink_blocks, window_blocks))
     return tuple(i for i in keep.tolist() if i not in protected)
+
+
+def select_per_head(
+    scores: torch.Tensor, *, budget_blocks: int, sink_blocks: int = 1, window_blocks: int = 1
+) -> torch.Tensor:
+    """Blocks each KV head keeps, ascending: [kv_heads, kept] int64, kept = min(budget, blocks).
+
+    scores [kv_heads, blocks] (ImportanceEstimator.score). Every head keeps the sinks and the
+    recent window (cut in select_blocks' order when the budget is smaller), then its own top
+    blocks by its own row, as Quest and kvpress choose per head rather than one set for all.
+    """
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        raise ValueError(f"scores must be a tensor of shape [kv_heads, blocks], got {getattr(scores, 'shape', scores)}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores must not contain NaN")
+    check_nonnegative_int("select_per_head", budget_blocks=budget_blocks, sink_blocks=sink_blocks, window_blocks=window_blocks)
+    kv_heads, blocks = scores.shape
+    kept = min(budget_blocks, blocks)
+    protected = protected_blocks(blocks, sink_blocks, window_blocks)[:kept]
+    ranked = scores.float().clone()  # [kv_heads, blocks]
+    ranked[:, protected] = float("inf")
+    return torch.topk(ranked, kept, dim=1, sorted=False).indices.sort(dim=1).values

@@ -1,37 +1,53 @@
 """KVManager: one sequence's KV cache as block tables over a TieredStore; the model's AttentionBackend.
 
 Appends write into device-tier slots in place (the last, partial block grows until it is full).
-Attention reads blocks where they are: a layer whose blocks sit in consecutive device slots is read
-as one view of the pool, anything else is gathered. Two modes:
+Full blocks are sealed under their content address (tiered.content), so sequences with a common
+prefix hold its blocks once, by reference; a sequence that starts on a cached prefix adopts those
+blocks instead of computing them. Attention reads blocks where they are: a layer whose blocks
+sit in consecutive device slots is read as one view of the pool, anything else is gathered.
+Two modes:
 
 - exact:  every block takes part; the output equals a full cache's.
-- sparse: at decode steps (one new token), the sink blocks, the recent window and the top-k blocks
-          by an importance estimator, within `budget_tokens`; kept tokens keep their positions.
-          Prefill (several new tokens) attends exactly.
+- sparse: at decode steps (one new token), past the first `dense_layers`, each KV head reads the
+          sink pages, the recent window and its top pages by an importance estimator, within
+          `budget_tokens` (runtime.kv.sparse); kept tokens keep their positions. Prefill attends
+          exactly.
+
+A block that no tier holds any more raises BlocksLost; the session recomputes it from its tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from policies import PrefetchView, make_importance, make_prefetch, select_blocks
+from policies import make_prefetch
 from tiered import BlockKey, TieredStore
+from tiered.content import content_key, is_content_key
 
 from .attention import grouped_attention
-from .summaries import KeySummaries
+from .sparse import SparseAttention
 
 MODES = ("exact", "sparse")
+
+
+class BlocksLost(KeyError):
+    """Block `index` of `layer` (and maybe later ones) is in no tier any more: recompute from there."""
+
+    def __init__(self, layer: int, index: int) -> None:
+        super().__init__(f"block {index} of layer {layer} is no longer stored")
+        self.layer, self.index = layer, index
 
 
 @dataclass
 class KVCounters:
     appended_tokens: int = 0
-    attended_tokens: int = 0  # keys read by attention, summed over layers and steps
+    attended_tokens: int = 0  # keys read by attention, summed over layers, steps and KV heads' mean
     sparse_steps: int = 0  # layer-steps that read a selection rather than every block
     prefetched_blocks: int = 0  # blocks requested from the prefetch scheduler
+    adopted_blocks: int = 0  # blocks (per layer) taken from the store's cache instead of computed
+    shared_seals: int = 0  # sealed blocks whose content was stored already (this copy was dropped)
 
 
 class KVManager:
@@ -40,10 +56,12 @@ class KVManager:
     Implements runtime.model.AttentionBackend: `attend(layer, q, k, v, positions)`.
 
     mode           "exact" or "sparse"
-    budget_tokens  sparse mode: tokens attention reads per layer and step (sinks + window + top-k)
+    budget_tokens  sparse mode: tokens each KV head reads per layer and step (sinks + window + top-k)
     importance     sparse mode: estimator name (policies.IMPORTANCE)
     prefetch       policy name (policies.PREFETCH) planning which blocks to bring up to the device
-    sink_blocks, window_blocks   sparse mode: blocks always kept at the start and the end
+    page_tokens    sparse mode: the grain pages are scored and chosen at (divides block_tokens)
+    sink_tokens, window_tokens   sparse mode: tokens always read at the start and the end
+    dense_layers   sparse mode: the first layers attend exactly (their attention is not sparse)
     importance_kwargs            sparse mode: arguments of the estimator (quest gets the softmax scale)
     """
 
@@ -59,47 +77,45 @@ class KVManager:
         budget_tokens: int | None = None,
         importance: str = "quest",
         prefetch: str = "none",
-        sink_blocks: int = 1,
-        window_blocks: int = 2,
+        page_tokens: int = 16,
+        sink_tokens: int = 16,
+        window_tokens: int = 32,
+        dense_layers: int = 2,
         importance_kwargs: dict | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.block_tokens = store.config.block_tokens
-        if mode == "sparse":
-            if budget_tokens is None or budget_tokens < self.block_tokens * (sink_blocks + window_blocks + 1):
-                raise ValueError(
-                    f"sparse mode needs budget_tokens >= {self.block_tokens * (sink_blocks + window_blocks + 1)} "
-                    f"(sink, window and one more block of {self.block_tokens} tokens), got {budget_tokens}"
-                )
+        if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) or dense_layers < 0:
+            raise ValueError(f"dense_layers must be an int >= 0, got {dense_layers!r}")
         BlockKey(namespace, 0, 0)  # validates the namespace
+        make_prefetch(prefetch)  # an unknown name is refused in either mode
+        self.block_tokens = store.config.block_tokens
+        self.sparse = None
+        if mode == "sparse":
+            if budget_tokens is None:
+                raise ValueError("sparse mode needs budget_tokens")
+            self.sparse = SparseAttention(
+                layers, kv_heads, head_dim, store.device, block_tokens=self.block_tokens,
+                page_tokens=min(page_tokens, self.block_tokens), budget_tokens=budget_tokens,
+                sink_tokens=sink_tokens, window_tokens=window_tokens, importance=importance,
+                importance_kwargs=importance_kwargs, prefetch=prefetch,
+            )
         self.store = store
         self.namespace = namespace
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.mode = mode
         self.budget_tokens = budget_tokens
-        self.sink_blocks, self.window_blocks = sink_blocks, window_blocks
+        self.dense_layers = dense_layers
         self.lengths = [0] * layers
         self.block_keys: list[list[BlockKey]] = [[] for _ in range(layers)]
-        self.summaries = [KeySummaries(kv_heads, head_dim, store.device) for _ in range(layers)]
-        importance_kwargs = dict(importance_kwargs or {})
-        if importance == "quest":  # rank blocks by expected attention share, as softmax(scale * bound)
-            importance_kwargs.setdefault("scale", head_dim**-0.5)
-        self.estimators = [
-            make_importance(importance, block_tokens=self.block_tokens, **importance_kwargs) for _ in range(layers)
-        ]
-        if self.estimators[0].needs_weights:
-            raise ValueError(
-                f"importance {importance!r} needs the attention it is to predict: use it in `tiered experiment`"
-            )
-        self.prefetch_policy = make_prefetch(prefetch)
+        self.sealed_blocks = 0  # the first blocks of every layer, under content keys
         self.counters = KVCounters()
         self._score_store = store.config.eviction == "importance"
 
     @property
     def tokens(self) -> int:
         """Tokens every layer holds (the sequence length)."""
-        return self.lengths[-1]
+        return min(self.lengths)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Append `k`, `v` to `layer`, then attend. See runtime.model.AttentionBackend."""
@@ -107,103 +123,158 @@ class KVManager:
         if first != self.lengths[layer]:
             raise ValueError(f"layer {layer} holds {self.lengths[layer]} tokens; new tokens must start there, not at {first}")
         self.append(layer, k, v)
-        n = q.shape[1]
-        if self.mode == "sparse" and n == 1 and self.lengths[layer] > self.budget_tokens:
-            return self._attend_sparse(layer, q, positions)
-        keys = self.block_keys[layer]
-        with self.store.reading(keys, limit_tokens=self.lengths[layer]) as (cached_keys, cached_values):
-            out, _ = grouped_attention(q, cached_keys, cached_values, positions)
+        try:
+            if self._reads_sparse(layer, q.shape[1]):
+                return self._attend_sparse(layer, q, positions)
+            with self.store.reading(self.block_keys[layer], limit_tokens=self.lengths[layer]) as (keys, values):
+                out, _ = grouped_attention(q, keys, values, positions)
+        except KeyError as error:
+            raise self._lost(layer) from error
         self.counters.attended_tokens += self.lengths[layer]
         return out
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Write `k`, `v` ([kv_heads, n, head_dim]) after the tokens `layer` holds."""
         length, n, size = self.lengths[layer], k.shape[1], self.block_tokens
-        keys, summaries = self.block_keys[layer], self.summaries[layer]
+        keys = self.block_keys[layer]
         done = 0
         while done < n:
             index, offset = divmod(length + done, size)
             take = min(size - offset, n - done)
             if index == len(keys):
                 keys.append(BlockKey(self.namespace, layer, index))
-            part_k, part_v = k[:, done : done + take], v[:, done : done + take]
-            self.store.write_tokens(keys[index], offset, part_k, part_v)
-            summaries.add(index, part_k, fresh=offset == 0)
+            try:
+                self.store.write_tokens(keys[index], offset, k[:, done : done + take], v[:, done : done + take])
+            except (KeyError, ValueError) as error:
+                if offset and keys[index] not in self.store:  # the partial block was lost below
+                    raise BlocksLost(layer, index) from error
+                raise
             done += take
+        if self.sparse is not None:
+            self.sparse.add(layer, length, k)
         self.lengths[layer] += n
         self.counters.appended_tokens += n
 
-    def _attend_sparse(self, layer: int, q: Tensor, positions: Tensor) -> Tensor:
-        estimator, summaries = self.estimators[layer], self.summaries[layer]
-        blocks = len(self.block_keys[layer])
-        query = q[:, 0]  # [heads, head_dim]
-        key_min, key_max = summaries.bounds(blocks)  # each [blocks, kv_heads, head_dim]
-        block_scores = estimator.block_scores(estimator.score(query, key_min, key_max))  # [blocks]
-        budget_blocks = self.budget_tokens // self.block_tokens
-        keep = select_blocks(
-            block_scores, budget_blocks=budget_blocks, sink_blocks=self.sink_blocks, window_blocks=self.window_blocks
-        ).sort().values
-        kept_keys = [self.block_keys[layer][i] for i in keep.tolist()]
-        # positions of the kept tokens: [kept_tokens]; only the newest (last) block may be partial
-        offsets = torch.arange(self.block_tokens)
-        key_positions = (keep[:, None] * self.block_tokens + offsets[None, :]).flatten()
-        key_positions = key_positions[key_positions < self.lengths[layer]].to(q.device)
-        with self.store.reading(kept_keys, touch=True) as (cached_keys, cached_values):
-            out, weights = grouped_attention(
-                q, cached_keys, cached_values, positions, key_positions, return_weights=estimator.stateful
-            )
-        if estimator.stateful:
-            full = torch.zeros(q.shape[0], self.lengths[layer], dtype=torch.float32)  # [heads, tokens]
-            full[:, key_positions.cpu()] = weights[:, 0].cpu()
-            estimator.update(query.float().cpu(), full)
-        if self._score_store:
-            for key, score in zip(self.block_keys[layer], block_scores.tolist()):
-                self.store.set_score(key, score)
-        self._plan_prefetch(layer, query, block_scores, budget_blocks)
-        self.counters.attended_tokens += key_positions.numel()
-        self.counters.sparse_steps += 1
-        return out
+    def seal(self, digests: list[bytes]) -> None:
+        """Give full blocks sealed_blocks.. of every layer their content keys; `digests` are their
+        content hashes, in order (runtime.Session computes them from the token log)."""
+        full = self.tokens // self.block_tokens
+        for index in range(self.sealed_blocks, min(full, self.sealed_blocks + len(digests))):
+            digest = digests[index - self.sealed_blocks]
+            sealed = []
+            for layer in range(self.layers):
+                key = self.block_keys[layer][index]
+                target = content_key(digest, layer, index)
+                try:
+                    if not self.store.seal(key, target):
+                        self.counters.shared_seals += 1
+                except KeyError:  # lost before it was sealed: the next read recomputes it
+                    continue
+                self.block_keys[layer][index] = target
+                sealed.append(target)
+            self.store.retain(sealed)
+        self.sealed_blocks = max(self.sealed_blocks, min(full, self.sealed_blocks + len(digests)))
 
-    def _plan_prefetch(self, layer: int, query: Tensor, block_scores: Tensor, budget_blocks: int) -> None:
-        blocks = len(self.block_keys[layer])
-        nxt = layer + 1 if layer + 1 < self.layers and len(self.block_keys[layer + 1]) >= blocks else None
-        bounds = self.summaries[nxt].bounds(blocks) if nxt is not None else (None, None)
-        view = PrefetchView(
-            layer=layer, layers=self.layers, blocks=blocks, query=query.float().cpu(),
-            next_key_min=bounds[0], next_key_max=bounds[1], block_scores=block_scores,
-            budget_blocks=budget_blocks, sink_blocks=self.sink_blocks, window_blocks=self.window_blocks,
-            scale=self.head_dim**-0.5,
-        )
-        wanted = [
-            self.block_keys[request.layer][i]
-            for request in self.prefetch_policy.plan(view)
-            for i in request.indices
-            if i < len(self.block_keys[request.layer])
-        ]
-        if wanted:
-            self.store.prefetch(wanted)
-            self.counters.prefetched_blocks += len(wanted)
+    def adopt(self, digests: list[bytes]) -> int:
+        """Take the cached blocks of `digests` (the content hashes of the next full blocks) from the
+        store, as long as every layer's is there; returns how many were adopted. The sequence must
+        end on a block boundary, every block of it sealed."""
+        if self.tokens % self.block_tokens or self.sealed_blocks * self.block_tokens != self.tokens:
+            raise ValueError("blocks are adopted only after whole sealed blocks")
+        first = self.sealed_blocks
+        taken = 0
+        for offset, digest in enumerate(digests):
+            keys = [content_key(digest, layer, first + offset) for layer in range(self.layers)]
+            if not all(self.store.holding(keys)):
+                break
+            self.store.retain(keys)
+            for layer, key in enumerate(keys):
+                self.block_keys[layer].append(key)
+            taken += 1
+        if not taken:
+            return 0
+        start = first * self.block_tokens
+        for layer in range(self.layers):
+            self.lengths[layer] += taken * self.block_tokens
+            if self.sparse is not None:  # page summaries of the adopted keys, read once
+                try:
+                    with self.store.reading(self.block_keys[layer][first:]) as (keys, _):
+                        self.sparse.add(layer, start, keys)
+                except KeyError:  # gone since: drop what was taken, the caller computes it
+                    self.truncate(start)
+                    return 0
+        self.sealed_blocks += taken
+        self.counters.adopted_blocks += taken
+        return taken
 
     def truncate(self, tokens: int) -> None:
-        """Forget every token from `tokens` on, in every layer (undoes a forward that failed midway)."""
+        """Forget every token from `tokens` on, in every layer (undoes a forward that failed midway).
+
+        Shared blocks are released, the sequence's own are removed from the store. A sealed block
+        cut in the middle is copied back into a block of the sequence's own; if it is lost, the
+        cut moves back to its start (`tokens` then says where the sequence ends)."""
+        if tokens % self.block_tokens and tokens < self.tokens and not self._unseal(tokens // self.block_tokens, tokens):
+            tokens -= tokens % self.block_tokens
+        keep_blocks = -(-tokens // self.block_tokens)
         for layer in range(self.layers):
             if self.lengths[layer] <= tokens:
                 continue
-            keep_blocks = -(-tokens // self.block_tokens)
-            for key in self.block_keys[layer][keep_blocks:]:
-                self.store.remove(key)
+            self._let_go(self.block_keys[layer][keep_blocks:])
             del self.block_keys[layer][keep_blocks:]
-            self.summaries[layer].truncate(keep_blocks)
             self.lengths[layer] = tokens
+        self.sealed_blocks = min(self.sealed_blocks, tokens // self.block_tokens)
+        if self.sparse is not None:
+            self.sparse.truncate(tokens)
 
-    def drop(self) -> None:
-        """Remove every block of this sequence from the store."""
-        for keys in self.block_keys:
-            for key in keys:
+    def _unseal(self, index: int, tokens: int) -> bool:
+        """Give block `index` of every layer (sealed, to be cut at `tokens`) a private copy; False if one is lost."""
+        keys = [self.block_keys[layer][index] for layer in range(self.layers)]
+        if not any(is_content_key(key) for key in keys):
+            return True
+        blocks = self.store.get_many(keys)
+        if any(block is None for block in blocks):
+            return False
+        keep = tokens - index * self.block_tokens
+        for layer, (key, block) in enumerate(zip(keys, blocks)):
+            if is_content_key(key):
+                private = BlockKey(self.namespace, layer, index)
+                self.store.remove(private)
+                self.store.write_tokens(private, 0, block.keys[:, :keep], block.values[:, :keep])
+                self.store.release([key])
+                self.block_keys[layer][index] = private
+        return True
+
+    def release(self) -> None:
+        """Let go of every block of this sequence: shared ones stay cached in the store for others."""
+        self.truncate(0)
+
+    def _reads_sparse(self, layer: int, new_tokens: int) -> bool:
+        return (
+            self.sparse is not None and new_tokens == 1 and layer >= self.dense_layers
+            and self.lengths[layer] > self.budget_tokens
+        )
+
+    def _attend_sparse(self, layer: int, q: Tensor, positions: Tensor) -> Tensor:
+        keys = self.block_keys[layer]
+        out, read, wanted, page_scores = self.sparse.attend(self.store, layer, keys, self.lengths[layer], q, positions)
+        if self._score_store:
+            for key, score in zip(keys, self.sparse.block_scores(page_scores, len(keys)).tolist()):
+                self.store.set_score(key, score)
+        wanted_keys = [self.block_keys[lay][i] for lay, i in wanted if i < len(self.block_keys[lay])]
+        if wanted_keys:
+            self.store.prefetch(wanted_keys)
+            self.counters.prefetched_blocks += len(wanted_keys)
+        self.counters.attended_tokens += read
+        self.counters.sparse_steps += 1
+        return out
+
+    def _lost(self, layer: int) -> BlocksLost:
+        held = self.store.holding(self.block_keys[layer])
+        return BlocksLost(layer, held.index(False) if False in held else 0)
+
+    def _let_go(self, keys: list[BlockKey]) -> None:
+        shared = [key for key in keys if is_content_key(key)]
+        self.store.release(shared)
+        for key in keys:
+            if not is_content_key(key):
                 self.store.remove(key)
-            keys.clear()
-        self.lengths = [0] * self.layers
-        for summaries in self.summaries:
-            summaries.clear()
-        for estimator in self.estimators:
-            estimator.reset()

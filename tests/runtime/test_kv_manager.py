@@ -10,6 +10,7 @@ from runtime.kv import KVManager, grouped_attention
 from runtime.model import DenseKV
 from runtime.session import Session
 from tiered import StoreConfig, TieredStore
+from tiered.content import is_content_key
 
 from .tiny_models import write_hf_dir
 
@@ -106,7 +107,8 @@ def test_sparse_mode_with_a_budget_above_the_context_equals_exact(tiny):
 def test_sparse_mode_reads_only_its_budget(tiny, importance):
     ids = prompt(tiny, 160)  # 20 blocks of 8 tokens per layer
     budget = 6 * BLOCK_TOKENS
-    with Session(tiny, store_config(tiny, device_blocks=1024), mode="sparse", budget_tokens=budget, importance=importance) as session:
+    sparse = dict(mode="sparse", budget_tokens=budget, importance=importance, sink_tokens=8, window_tokens=16, dense_layers=0)
+    with Session(tiny, store_config(tiny, device_blocks=1024), **sparse) as session:
         run(tiny, session, ids)
         before = session.kv.counters.attended_tokens
         generated = session.generate(8, stop=[])
@@ -114,7 +116,7 @@ def test_sparse_mode_reads_only_its_budget(tiny, importance):
     layers = tiny.config.num_layers
     assert len(generated) == 8
     assert stats["sparse_steps"] == layers * 8  # every generated token is fed back: one step each
-    assert stats["attended_tokens"] - before <= layers * 8 * budget
+    assert stats["attended_tokens"] - before <= layers * 8 * budget  # tokens each KV head read
     assert all(0 <= token < tiny.config.vocab_size for token in generated)
 
 
@@ -136,7 +138,7 @@ def test_a_failed_extend_leaves_the_session_as_it_was(tiny):
         blocks = len(session.store)
         with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):
             session.extend([5, 512])
-        with pytest.raises(ValueError, match="maximum of 256"):
+        with pytest.raises(ValueError, match="takes at most 256"):
             session.extend(list(range(3, 3 + 256)))
         assert len(session.tokens) == 30 and len(session.store) == blocks
         assert session.kv.lengths == [30] * tiny.config.num_layers
@@ -182,11 +184,15 @@ def test_sessions_sharing_a_store_keep_their_blocks_apart(tiny):
         with Session(tiny, store_config(tiny, device_blocks=1024)) as alone:
             assert torch.allclose(run(tiny, alone, ids), logits_a, atol=1e-6)
         assert not torch.allclose(logits_a, logits_b)
-        blocks = len(store)
+        keys_a = [key for keys in a.kv.block_keys for key in keys]
+        keys_b = [key for keys in b.kv.block_keys for key in keys]
+        assert not set(keys_a) & set(keys_b)
         a.close()
-        assert len(store) == blocks // 2
+        assert all(store.holding(keys_b))
+        assert all(store.references(key) == 0 for key in keys_a)  # a's full blocks stay cached, unreferenced
+        assert not any(store.holding([key for key in keys_a if not is_content_key(key)]))  # its own are gone
         b.close()
-        assert len(store) == 0
+        assert all(is_content_key(key) and store.references(key) == 0 for key in store.keys())
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny):

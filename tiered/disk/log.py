@@ -108,6 +108,13 @@ class SegmentLog:
             for segment in self._segments.values():
                 segment.close()
 
+    def sync(self) -> None:
+        """Make every record written so far durable (unless durability is "never")."""
+        with self._lock:
+            self._check_open()
+            if self._head is not None and self.durability != "never":
+                self._head.sync()
+
     # -- queries ----------------------------------------------------------------------------------
 
     def __contains__(self, key: BlockKey) -> bool:

@@ -177,7 +177,10 @@ class DiskTier(Tier):
 
     def charge(self, item: Encoded) -> int:
         """The uncompressed payload plus the fixed record header (an upper bound of what it stores)."""
-        return FIXED.size + item.nbytes
+        return self.charge_for(item.nbytes)
+
+    def charge_for(self, nbytes: int) -> int:
+        return FIXED.size + nbytes
 
     def held(self, key: BlockKey) -> tuple[int, int] | None:
         """(charge, tokens) of the block stored under `key`, from the index alone; None if absent."""
@@ -219,6 +222,10 @@ class DiskTier(Tier):
     def counters(self) -> DiskCounters:
         """What the tier did (a live object)."""
         return self._log.counters
+
+    def sync(self) -> None:
+        """Make every record put so far durable, whatever the durability mode but "never"."""
+        self._log.sync()
 
     def compact(self, live_fraction: float | None = None) -> int:
         """Compact now every sealed segment less live than `live_fraction`; segments deleted."""

@@ -1,0 +1,156 @@
+"""Sparse decode attention: each KV head reads the sink pages, the recent window and its own top
+pages by an importance estimator, within a token budget.
+
+Selection and storage have different grains. Quest's key bounds are tight over a page of 16
+tokens and loose over a 64-token block, so pages are scored and chosen, blocks are stored and
+moved: a step reads the union of the blocks its pages lie in, then gathers each head's pages.
+Heads choose apart (Quest, kvpress): one set shared by every head loses what only one head needs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from policies import PrefetchView, make_importance, make_prefetch
+from policies.importance import select_per_head
+from tiered import BlockKey, TieredStore
+
+from .attention import grouped_attention
+from .summaries import KeySummaries
+
+
+class SparseAttention:
+    """Per-layer page summaries and estimators of one sequence, and the sparse step over them.
+
+    page_tokens    selection grain (divides block_tokens)
+    budget_tokens  tokens each KV head reads per layer and step (sinks + window + top pages)
+    sink_tokens, window_tokens   always read at the start and the end (multiples of page_tokens;
+                   the window holds at least the newest page, which has the current token)
+    """
+
+    def __init__(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        device: torch.device,
+        *,
+        block_tokens: int,
+        page_tokens: int,
+        budget_tokens: int,
+        sink_tokens: int,
+        window_tokens: int,
+        importance: str,
+        importance_kwargs: dict | None,
+        prefetch: str,
+    ) -> None:
+        for name, value in (("page_tokens", page_tokens), ("budget_tokens", budget_tokens),
+                            ("sink_tokens", sink_tokens), ("window_tokens", window_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if page_tokens == 0 or block_tokens % page_tokens:
+            raise ValueError(f"page_tokens must divide block_tokens={block_tokens}, got {page_tokens}")
+        if sink_tokens % page_tokens or window_tokens % page_tokens or window_tokens == 0:
+            raise ValueError(
+                f"sink_tokens and window_tokens must be multiples of page_tokens={page_tokens}, and the window "
+                f"at least one page; got {sink_tokens} and {window_tokens}"
+            )
+        least = sink_tokens + window_tokens + page_tokens
+        if budget_tokens < least:
+            raise ValueError(
+                f"sparse mode needs budget_tokens >= {least} (sink, window and one more page of {page_tokens} "
+                f"tokens), got {budget_tokens}"
+            )
+        self.block_tokens, self.page_tokens = block_tokens, page_tokens
+        self.budget_pages = budget_tokens // page_tokens
+        self.sink_pages, self.window_pages = sink_tokens // page_tokens, window_tokens // page_tokens
+        self.layers, self.head_dim = layers, head_dim
+        self.summaries = [KeySummaries(kv_heads, head_dim, device) for _ in range(layers)]
+        importance_kwargs = dict(importance_kwargs or {})
+        if importance == "quest":  # rank pages by expected attention share, as softmax(scale * bound)
+            importance_kwargs.setdefault("scale", head_dim**-0.5)
+        self.estimators = [make_importance(importance, block_tokens=page_tokens, **importance_kwargs) for _ in range(layers)]
+        if self.estimators[0].needs_weights:
+            raise ValueError(
+                f"importance {importance!r} needs the attention it is to predict: use it in `tiered experiment`"
+            )
+        self.prefetch_policy = make_prefetch(prefetch)
+
+    def add(self, layer: int, start: int, keys: Tensor) -> None:
+        """Summarize the keys of tokens start.. of `layer`: [kv_heads, n, head_dim]."""
+        self.summaries[layer].add_tokens(start, keys, self.page_tokens)
+
+    def truncate(self, tokens: int) -> None:
+        pages = -(-tokens // self.page_tokens)
+        for summaries in self.summaries:
+            summaries.truncate(pages)
+        if tokens == 0:
+            for estimator in self.estimators:
+                estimator.reset()
+
+    def attend(
+        self, store: TieredStore, layer: int, keys: list[BlockKey], tokens: int, q: Tensor, positions: Tensor
+    ) -> tuple[Tensor, int, list[tuple[int, int]], Tensor]:
+        """One decode step of `layer` over its `tokens` tokens in blocks `keys`.
+
+        q: [heads, 1, head_dim]. Returns the output [heads, 1, head_dim], the tokens each KV head
+        read, the (layer, block index) pairs the prefetch policy wants up next, and the page
+        scores [pages] (for an importance-driven eviction policy).
+        """
+        estimator, page = self.estimators[layer], self.page_tokens
+        pages = -(-tokens // page)
+        query = q[:, 0]  # [heads, head_dim]
+        key_min, key_max = self.summaries[layer].bounds(pages)  # each [pages, kv_heads, head_dim]
+        scores = estimator.score(query, key_min, key_max).cpu()  # [kv_heads, pages]
+        keep = select_per_head(
+            scores, budget_blocks=self.budget_pages, sink_blocks=self.sink_pages, window_blocks=self.window_pages
+        )  # [kv_heads, kept], ascending
+        kv_heads, kept = keep.shape
+        per_block = self.block_tokens // page
+        blocks = torch.unique(keep // per_block)  # ascending
+        rank = torch.empty(len(keys), dtype=torch.int64)
+        rank[blocks] = torch.arange(blocks.numel())
+        offsets = torch.arange(page)
+        # where each kept page's tokens sit in the joined read, and their positions: [kv_heads, kept * page]
+        index = (rank[keep // per_block] * self.block_tokens + (keep % per_block) * page)[..., None] + offsets
+        index = index.reshape(kv_heads, -1)
+        key_positions = (keep[..., None] * page + offsets).reshape(kv_heads, -1)
+        read = kept * page - (pages * page - tokens)  # the newest page, kept by every head, may be partial
+        index, key_positions = index[:, :read].to(q.device), key_positions[:, :read]
+        with store.reading([keys[i] for i in blocks.tolist()], touch=True) as (joined_keys, joined_values):
+            gather = index[..., None].expand(-1, -1, self.head_dim)
+            chosen_keys = joined_keys.gather(1, gather)  # [kv_heads, read, head_dim]
+            chosen_values = joined_values.gather(1, gather)
+            out, weights = grouped_attention(q, chosen_keys, chosen_values, positions, return_weights=estimator.stateful)
+        if estimator.stateful:
+            group = q.shape[0] // kv_heads
+            full = torch.zeros(q.shape[0], tokens, dtype=torch.float32)  # [heads, tokens]
+            full.scatter_(1, key_positions.repeat_interleave(group, 0), weights[:, 0].float().cpu())
+            estimator.update(query.float().cpu(), full)
+        page_scores = estimator.block_scores(scores)  # [pages]
+        wanted = self._plan_prefetch(layer, query, page_scores, pages)
+        return out, read, wanted, page_scores
+
+    def block_scores(self, page_scores: Tensor, blocks: int) -> Tensor:
+        """The best page score of each block: [blocks]."""
+        per_block = self.block_tokens // self.page_tokens
+        padded = page_scores.new_full((blocks * per_block,), float("-inf"))
+        padded[: page_scores.numel()] = page_scores
+        return padded.view(blocks, per_block).amax(1)
+
+    def _plan_prefetch(self, layer: int, query: Tensor, page_scores: Tensor, pages: int) -> list[tuple[int, int]]:
+        nxt = layer + 1 if layer + 1 < self.layers and self.summaries[layer + 1].pages >= pages else None
+        bounds = self.summaries[nxt].bounds(pages) if nxt is not None else (None, None)
+        view = PrefetchView(
+            layer=layer, layers=self.layers, blocks=pages, query=query.float().cpu(),
+            next_key_min=bounds[0], next_key_max=bounds[1], block_scores=page_scores,
+            budget_blocks=self.budget_pages, sink_blocks=self.sink_pages, window_blocks=self.window_pages,
+            scale=self.head_dim**-0.5,
+        )
+        per_block = self.block_tokens // self.page_tokens
+        wanted: dict[tuple[int, int], None] = {}  # (layer, block) in order of urgency, no repeats
+        for request in self.prefetch_policy.plan(view):
+            for p in request.indices:
+                wanted.setdefault((request.layer, p // per_block), None)
+        return list(wanted)
