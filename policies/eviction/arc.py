@@ -23,6 +23,7 @@ at once (a tier evicts only when full, so that is its capacity for blocks of one
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
@@ -39,10 +40,10 @@ class ARC(EvictionPolicy):
 
     capacity_blocks: int | None = None
 
-    _t1: dict[Hashable, None] = field(init=False, repr=False, default_factory=dict)  # least recent first
-    _t2: dict[Hashable, None] = field(init=False, repr=False, default_factory=dict)
-    _b1: dict[Hashable, None] = field(init=False, repr=False, default_factory=dict)
-    _b2: dict[Hashable, None] = field(init=False, repr=False, default_factory=dict)
+    _t1: OrderedDict[Hashable, None] = field(init=False, repr=False, default_factory=OrderedDict)  # least recent first
+    _t2: OrderedDict[Hashable, None] = field(init=False, repr=False, default_factory=OrderedDict)
+    _b1: OrderedDict[Hashable, None] = field(init=False, repr=False, default_factory=OrderedDict)
+    _b2: OrderedDict[Hashable, None] = field(init=False, repr=False, default_factory=OrderedDict)
     _target_t1: float = field(init=False, repr=False, default=0.0)  # the paper's p
     _seen: dict[Hashable, tuple[int, int]] = field(init=False, repr=False, default_factory=dict)
     _high_water: int = field(init=False, repr=False, default=0)
@@ -81,9 +82,9 @@ class ARC(EvictionPolicy):
         else:
             self._t1[key] = None
             if len(self._t1) + len(self._b1) > c and self._b1:
-                del self._b1[next(iter(self._b1))]
+                self._b1.popitem(last=False)
             elif len(self._t1) + len(self._t2) + len(self._b1) + len(self._b2) > 2 * c and self._b2:
-                del self._b2[next(iter(self._b2))]
+                self._b2.popitem(last=False)
 
     def on_update(self, key: Hashable, stats: BlockStats) -> None:
         seen = self._seen.get(key)

@@ -26,7 +26,7 @@ small share is int(capacity * small_fraction), at least 1.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
@@ -34,6 +34,7 @@ from ..stats import BlockStats
 from .base import EvictionPolicy
 
 _MAX_FREQ = 3
+_END = object()
 
 
 @dataclass
@@ -49,12 +50,13 @@ class S3FIFO(EvictionPolicy):
     move_to_main_hits: int = 1
     capacity_blocks: int | None = None
 
-    _small: dict[Hashable, None] = field(init=False, repr=False, default_factory=dict)  # oldest first
-    _main: dict[Hashable, None] = field(init=False, repr=False, default_factory=dict)  # oldest first
-    _ghost: dict[Hashable, None] = field(init=False, repr=False, default_factory=dict)  # oldest first
+    _small: OrderedDict[Hashable, None] = field(init=False, repr=False, default_factory=OrderedDict)  # oldest first
+    _main: OrderedDict[Hashable, None] = field(init=False, repr=False, default_factory=OrderedDict)  # oldest first
+    _ghost: OrderedDict[Hashable, None] = field(init=False, repr=False, default_factory=OrderedDict)  # oldest first
     _freq: dict[Hashable, int] = field(init=False, repr=False, default_factory=dict)
     _seen: dict[Hashable, tuple[int, int]] = field(init=False, repr=False, default_factory=dict)
     _high_water: int = field(init=False, repr=False, default=0)
+    _main_share: int = field(init=False, repr=False, default=0)  # capacity minus the small share
 
     def __post_init__(self) -> None:
         if not 0 < self.small_fraction < 1:
@@ -80,10 +82,12 @@ class S3FIFO(EvictionPolicy):
             self._small[key] = None
         self._freq[key] = 0
         self._seen[key] = (stats.hits, stats.last_access_step)
-        self._high_water = max(self._high_water, len(self._freq))
-        main_share = self._capacity() - self._small_share()
-        while len(self._ghost) > main_share:
-            del self._ghost[next(iter(self._ghost))]
+        if len(self._freq) > self._high_water:
+            self._high_water = len(self._freq)
+            capacity = self.capacity_blocks or self._high_water
+            self._main_share = capacity - max(1, int(capacity * self.small_fraction))
+        while len(self._ghost) > self._main_share:
+            self._ghost.popitem(last=False)
 
     def on_update(self, key: Hashable, stats: BlockStats) -> None:
         seen = self._seen.get(key)
@@ -120,26 +124,15 @@ class S3FIFO(EvictionPolicy):
     def __contains__(self, key: Hashable) -> bool:
         return key in self._freq
 
-    def _capacity(self) -> int:
-        return self.capacity_blocks or max(self._high_water, 1)
-
-    def _small_share(self) -> int:
-        return max(1, int(self._capacity() * self.small_fraction))
-
     def _evictions(self, moves: list[tuple[Hashable, int]] | None) -> Iterator[Hashable]:
         """Victims of successive evictions, played on an overlay; `moves` (if given) collects the
         (key, frequency) reinsertions into M made before the first victim."""
-        main_share = self._capacity() - self._small_share()
+        main_share, threshold, own_freq = self._main_share, self.move_to_main_hits, self._freq
         small, main_tail = iter(self._small), iter(self._main)
         requeued: deque[Hashable] = deque()  # keys put back at M's tail, in order
         freq: dict[Hashable, int] = {}  # overlay over self._freq
         small_left, main_left = len(self._small), len(self._main)
         recording = moves is not None
-
-        def next_of_main() -> Hashable:
-            for key in main_tail:
-                return key
-            return requeued.popleft()
 
         while small_left or main_left:
             if small_left and main_left <= main_share:
@@ -147,7 +140,7 @@ class S3FIFO(EvictionPolicy):
                 while small_left:
                     key = next(small)
                     small_left -= 1
-                    if self._freq[key] >= self.move_to_main_hits:
+                    if own_freq[key] >= threshold:
                         freq[key] = 0
                         requeued.append(key)
                         main_left += 1
@@ -161,8 +154,10 @@ class S3FIFO(EvictionPolicy):
                     yield victim
                     continue
             while True:  # from M: a clock over the FIFO
-                key = next_of_main()
-                f = freq.get(key, self._freq[key])
+                key = next(main_tail, _END)
+                if key is _END:
+                    key = requeued.popleft()
+                f = freq[key] if key in freq else own_freq[key]
                 if f == 0:
                     break
                 freq[key] = f - 1

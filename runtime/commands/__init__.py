@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import experiment, inspect, run
+from . import experiment, inspect, run, simulate
 
 COMMANDS: dict[str, Callable] = {
     "run": run.register,
     "experiment": experiment.register,
     "inspect": inspect.register,
+    "simulate": simulate.register,
 }
