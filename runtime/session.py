@@ -282,21 +282,26 @@ class Session:
         return torch.cat(rows) if rows else torch.empty(0, self.model.config.vocab_size)
 
     def _adopt(self, log: list[int]) -> None:
-        """Take cached blocks from the store for log's next whole blocks, all but the last token's."""
+        """Take cached blocks from the store for log's next whole blocks. The last token is always
+        computed (its logits are needed): a block that ends the log is cut back by that token."""
         kv, block = self.kv, self.store.config.block_tokens
         if kv.tokens % block or kv.sealed_blocks * block != kv.tokens:
             return
-        first, last = kv.tokens // block, (len(log) - 1) // block
+        first, last = kv.tokens // block, len(log) // block
         if first >= last:
             return
         taken = kv.adopt(self._digests_of(log)[first:last])
         self._counts["reused_tokens"] += taken * block
+        if kv.tokens == len(log):
+            kv.truncate(len(log) - 1)
+            self._counts["reused_tokens"] -= block - kv.tokens % block
 
     def _forward(self, ids: list[int], start: int, known: int) -> Tensor:
         """Compute tokens at positions start.. (`known`: how many of them the log held before)."""
         kind = "decode" if len(ids) == 1 else "prefill"
         begin_s = time.perf_counter()
-        logits = self.model.forward(torch.tensor(ids, dtype=torch.int64), torch.arange(start, start + len(ids)), self.kv)
+        with self.store.pinning(self.kv.keys()):  # what this forward reads is not pushed out by it
+            logits = self.model.forward(torch.tensor(ids, dtype=torch.int64), torch.arange(start, start + len(ids)), self.kv)
         self._timing[f"{kind}_s"] += time.perf_counter() - begin_s
         self._timing[f"{kind}_tokens"] += len(ids)
         again = max(0, min(known, start + len(ids)) - start)

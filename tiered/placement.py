@@ -23,7 +23,7 @@ from .device import DeviceTier
 from .tier import Tier
 
 DEVICE = 0  # index of the top tier
-VICTIM_SCAN = 64  # candidates looked through for an unreferenced block before taking a referenced one
+VICTIM_SCAN = 4096  # candidates looked through for a block no session reads before taking one that one does
 
 
 class Placement:
@@ -53,6 +53,7 @@ class Placement:
         self.persistent = len(tiers) - 1 if persistent else None
         self.persisted: set[BlockKey] = set()
         self.refs: Counter[BlockKey] = Counter()  # readers (sessions) of each block; see TieredStore.retain
+        self.pinned: Counter[BlockKey] = Counter()  # blocks of sessions computing now; see TieredStore.pinning
 
     @property
     def device_tier(self) -> DeviceTier:
@@ -171,19 +172,22 @@ class Placement:
             self.demote(victim, t, leaving)
 
     def _victim(self, t: int, room: int, leaving: BlockKey | None, protected: Collection[BlockKey]) -> BlockKey | None:
-        """The policy's first candidate in `room`; out of the bottom tier (the store), the first
-        that no session reads among the next VICTIM_SCAN, if there is one."""
-        tier, bottom, fallback, scanned = self.tiers[t], t == len(self.tiers) - 1, None, 0
+        """The policy's first candidate in `room`. Out of the bottom tier (out of the store), among
+        the next VICTIM_SCAN: the first that no session reads, else the first that no session is
+        computing with (pinned), else the policy's first."""
+        tier, bottom, scanned = self.tiers[t], t == len(self.tiers) - 1, 0
+        fallback: list[BlockKey | None] = [None, None]  # first referenced, first pinned
         for key in self.policies[t].candidates():
             if key == leaving or key in protected or tier.room_of(key) != room:
                 continue
             if not bottom or not self.refs[key]:
                 return key
-            fallback = key if fallback is None else fallback
+            rank = 1 if self.pinned[key] else 0
+            fallback[rank] = key if fallback[rank] is None else fallback[rank]
             scanned += 1
             if scanned == VICTIM_SCAN:
                 break
-        return fallback
+        return fallback[0] if fallback[0] is not None else fallback[1]
 
     def demote(self, key: BlockKey, t: int, leaving: BlockKey | None = None) -> None:
         """Move `key` from tier t one tier down, or out of the store from the bottom tier.

@@ -267,6 +267,20 @@ class TieredStore:
                 else:
                     refs[key] -= 1
 
+    @contextmanager
+    def pinning(self, keys: Iterable[BlockKey]) -> Iterator[None]:
+        """Inside the `with`, blocks of `keys` are the last to leave the store: a computation that
+        reads them (a session's forward) does not push out what it is about to read."""
+        keys = list(keys)
+        with self._lock:
+            self._place.pinned.update(keys)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._place.pinned.subtract(keys)
+                self._place.pinned += Counter()  # drop the zeros
+
     def references(self, key: BlockKey) -> int:
         """Readers of `key` (retains not yet released)."""
         with self._lock:

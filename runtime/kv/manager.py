@@ -143,6 +143,7 @@ class KVManager:
             take = min(size - offset, n - done)
             if index == len(keys):
                 keys.append(BlockKey(self.namespace, layer, index))
+                self.store.retain(keys[-1:])  # the sequence holds a reference to each of its blocks
             try:
                 self.store.write_tokens(keys[index], offset, k[:, done : done + take], v[:, done : done + take])
             except (KeyError, ValueError) as error:
@@ -161,18 +162,15 @@ class KVManager:
         full = self.tokens // self.block_tokens
         for index in range(self.sealed_blocks, min(full, self.sealed_blocks + len(digests))):
             digest = digests[index - self.sealed_blocks]
-            sealed = []
             for layer in range(self.layers):
                 key = self.block_keys[layer][index]
                 target = content_key(digest, layer, index)
-                try:
+                try:  # the sequence's reference moves with the block
                     if not self.store.seal(key, target):
                         self.counters.shared_seals += 1
                 except KeyError:  # lost before it was sealed: the next read recomputes it
                     continue
                 self.block_keys[layer][index] = target
-                sealed.append(target)
-            self.store.retain(sealed)
         self.sealed_blocks = max(self.sealed_blocks, min(full, self.sealed_blocks + len(digests)))
 
     def adopt(self, digests: list[bytes]) -> int:
@@ -241,6 +239,7 @@ class KVManager:
                 self.store.remove(private)
                 self.store.write_tokens(private, 0, block.keys[:, :keep], block.values[:, :keep])
                 self.store.release([key])
+                self.store.retain([private])
                 self.block_keys[layer][index] = private
         return True
 
@@ -269,12 +268,20 @@ class KVManager:
         return out
 
     def _lost(self, layer: int) -> BlocksLost:
-        held = self.store.holding(self.block_keys[layer])
-        return BlocksLost(layer, held.index(False) if False in held else 0)
+        """The first block missing in any layer (so one recomputation repairs them all)."""
+        first = None
+        for index, keys in enumerate(self.block_keys):
+            held = self.store.holding(keys)
+            if False in held and (first is None or held.index(False) < first[1]):
+                first = (index, held.index(False))
+        return BlocksLost(*(first or (layer, 0)))
+
+    def keys(self) -> list[BlockKey]:
+        """Every block key of the sequence, all layers."""
+        return [key for keys in self.block_keys for key in keys]
 
     def _let_go(self, keys: list[BlockKey]) -> None:
-        shared = [key for key in keys if is_content_key(key)]
-        self.store.release(shared)
+        self.store.release(keys)
         for key in keys:
             if not is_content_key(key):
                 self.store.remove(key)
