@@ -1,0 +1,147 @@
+"""transformers caches side by side on SmolLM2-135M: DynamicCache, DynamicCache(offloading=True),
+QuantizedCache (quanto / HQQ int4, where they install) and TieredCache (25% of the KV on the device,
+the rest in an int8 host tier), at each context length, in one run.
+
+For each cache and context: decode tok/s (teacher-forced decode of DynamicCache's own greedy
+continuation, one token a step), peak resident KV bytes per tier, greedy agreement with DynamicCache
+over those steps (does the cache's argmax equal DynamicCache's token?), and perplexity of the held-out
+tokens that follow the context in the text (one forward of them after the prefill).
+
+    python benchmarks/bench_hf.py [--contexts 4096 8192] [--decode-tokens 256] [--heldout-tokens 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from importlib import resources
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, QuantizedCache
+
+from runtime import load_model
+from runtime.hf import TieredCache
+from runtime.model.load import smollm2_135m
+from tiered import StoreConfig
+
+BLOCK_TOKENS = 64
+DEVICE_FRACTION = 0.25
+
+
+def kv_nbytes_per_token(config) -> int:
+    """Keys + values of one token over all layers, in the model's dtype (fp32 here)."""
+    heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * heads * head_dim * 4 * config.num_hidden_layers
+
+
+def tiered_cache(config, tokens: int) -> TieredCache:
+    """25% of `tokens` tokens' KV on the device (rounded down to whole blocks per layer), the rest int8 on the host."""
+    block_nbytes = kv_nbytes_per_token(config) // config.num_hidden_layers * BLOCK_TOKENS
+    blocks = config.num_hidden_layers * -(-tokens // BLOCK_TOKENS)
+    device_blocks = int(blocks * DEVICE_FRACTION)
+    store = StoreConfig(device="cuda" if torch.cuda.is_available() else "cpu", device_bytes=device_blocks * block_nbytes,
+                        host_bytes=2 * blocks * block_nbytes, host_codec="int8", block_tokens=BLOCK_TOKENS)
+    return TieredCache(store, config=config)
+
+
+def candidates(config, tokens: int) -> dict:
+    """name -> a function making a fresh cache (one that cannot run here raises when made or used)."""
+    makers = {
+        "DynamicCache": lambda: DynamicCache(config=config),
+        "DynamicCache(offloading=True)": lambda: DynamicCache(config=config, offloading=True),
+        "QuantizedCache quanto int4": lambda: QuantizedCache("quanto", config, nbits=4),
+        "QuantizedCache HQQ int4": lambda: QuantizedCache("hqq", config, nbits=4, axis_key=1, axis_value=1),
+        "TieredCache 25% device + int8 host": lambda: tiered_cache(config, tokens),
+    }
+    return makers
+
+
+def resident_kv_bytes(cache) -> dict[str, int]:
+    """Bytes of KV each tier holds now: the store's tiers for TieredCache, tensors by device otherwise."""
+    if isinstance(cache, TieredCache):
+        return {name: tier["used_bytes"] for name, tier in cache.store.stats()["tiers"].items()}
+    totals: dict[str, int] = {}
+    for layer in cache.layers:
+        for tensor in _layer_tensors(layer):
+            place = "device" if tensor.device.type != "cpu" or not torch.cuda.is_available() else "host"
+            totals[place] = totals.get(place, 0) + tensor.numel() * tensor.element_size()
+    return totals
+
+
+def _layer_tensors(layer) -> list[torch.Tensor]:
+    found = [t for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)]
+    for name in ("_quantized_keys", "_quantized_values"):
+        packed = getattr(layer, name, None)
+        if isinstance(packed, torch.Tensor):
+            found.append(packed)
+        elif packed is not None:  # a backend's quantized tensor: count its plain tensors
+            found.extend(t for t in vars(packed).values() if isinstance(t, torch.Tensor))
+    return found
+
+
+@torch.no_grad()
+def measure(model, make_cache, context: torch.Tensor, heldout: torch.Tensor, forced: torch.Tensor) -> dict:
+    """Perplexity of `heldout` after `context`; then teacher-forced decode of `forced` from `context`."""
+    cache = make_cache()
+    model(context, cache=cache)
+    logits = model(heldout[:, :-1], cache=cache).logits[0]  # [heldout - 1, vocab]
+    nll = torch.nn.functional.cross_entropy(logits.float(), heldout[0, 1:])
+    peak = resident_kv_bytes(cache)
+    if hasattr(cache, "close"):
+        cache.close()
+    cache = make_cache()
+    logits = model(context, cache=cache).logits[:, -1]
+    agree = 0
+    start_s = time.perf_counter()
+    for token in forced[0]:
+        agree += int(logits.argmax(-1).item() == token.item())
+        logits = model(token.view(1, 1), cache=cache).logits[:, -1]
+    elapsed_s = time.perf_counter() - start_s
+    for place, nbytes in resident_kv_bytes(cache).items():
+        peak[place] = max(peak.get(place, 0), nbytes)
+    if hasattr(cache, "close"):
+        cache.close()
+    return dict(tok_s=forced.shape[1] / elapsed_s, agreement=agree / forced.shape[1], ppl=math.exp(nll.item()), kv=peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--heldout-tokens", type=int, default=256)
+    args = parser.parse_args()
+    path = smollm2_135m()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).to(device).eval()
+    text = (resources.files("runtime") / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    needed = max(args.contexts) + args.heldout_tokens
+    ids = load_model("smollm2-135m").tokenizer.encode(text[: needed * 6])[:needed]
+    all_ids = torch.tensor([ids], device=device)  # [1, needed]
+    print(f"SmolLM2-135M fp32 on {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{'context':>7}  {'cache':<36} {'tok/s':>7} {'x dyn':>6} {'device KV MiB':>13} {'host KV MiB':>11} "
+          f"{'agree':>6} {'ppl':>7}")
+    for tokens in args.contexts:
+        context, heldout = all_ids[:, :tokens], all_ids[:, tokens : tokens + args.heldout_tokens]
+        with torch.no_grad():
+            greedy = model.generate(context, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
+                                    do_sample=False, cache=DynamicCache(config=model.config))
+        forced = greedy[:, tokens:]  # [1, decode_tokens]: DynamicCache's greedy continuation
+        base = None
+        for name, make in candidates(model.config, tokens + args.decode_tokens).items():
+            try:
+                result = measure(model, make, context, heldout, forced)
+            except Exception as error:  # a backend that is not installed or does not run on this device
+                print(f"{tokens:>7}  {name:<36} does not run here: {type(error).__name__}: {str(error)[:90]}")
+                continue
+            base = base or result["tok_s"]
+            kv = result["kv"]
+            device_mib = kv.get("device", 0) / 2**20
+            host_mib = sum(v for k, v in kv.items() if k != "device") / 2**20
+            print(f"{tokens:>7}  {name:<36} {result['tok_s']:7.1f} {result['tok_s'] / base:6.2f} {device_mib:13.1f} "
+                  f"{host_mib:11.1f} {result['agreement']:6.1%} {result['ppl']:7.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
