@@ -63,7 +63,9 @@ class TraceRecorder:
         if block_digests is None:
             hash_ids = self.chain_ids(token_ids)
         elif len(block_digests) != full_blocks:
-            raise ValueError(f"{len(block_digests)} block digests for {full_blocks} full blocks of {len(token_ids)} tokens")
+            raise ValueError(
+                f"{len(block_digests)} block digests for {full_blocks} full blocks of {len(token_ids)} tokens"
+            )
         else:
             hash_ids = [int.from_bytes(bytes(d[:8]), "big") >> 1 for d in block_digests]
         with self._lock:

@@ -53,8 +53,9 @@ class Simulation:
         self.shared = self._tier(SHARED, config.disk_blocks, config.disk_eviction)
         self.chains: list[list[TierCache]] = []  # per worker: its tiers, fastest first, then the shared one
         for _ in range(config.workers):
-            own = [self._tier(DEVICE, config.device_blocks, None), self._tier(HOST, config.host_blocks, config.host_eviction)]
-            self.chains.append([t for t in (*own, self.shared) if t is not None])
+            device = self._tier(DEVICE, config.device_blocks, None)
+            host = self._tier(HOST, config.host_blocks, config.host_eviction)
+            self.chains.append([t for t in (device, host, self.shared) if t is not None])
         self.link_bytes = dict.fromkeys(LINK_COLUMNS, 0)
         self.step = 0
 

@@ -246,7 +246,8 @@ def test_ttft_and_queueing_follow_the_profile(profile):
 
 
 def test_loads_from_host_cost_link_time(profile):
-    trace = Trace([TraceRequest(0.0, 32, 1, (1, 2)), TraceRequest(10.0, 32, 1, (3, 4)), TraceRequest(20.0, 32, 1, (1, 2))], 16)
+    requests = [TraceRequest(0.0, 32, 1, (1, 2)), TraceRequest(10.0, 32, 1, (3, 4)), TraceRequest(20.0, 32, 1, (1, 2))]
+    trace = Trace(requests, 16)
     row = simulate(trace, SimConfig(device_blocks=2, host_blocks=10), profile)
     link = profile.links["host_device"]
     nbytes = 2 * profile.block_bytes(16)
