@@ -81,6 +81,9 @@ def plot_write(rows: Sequence[dict], path: Path, title: str) -> Path | None:
         members = sorted(members, key=lambda r: r["hit_ratio"])
         written = [(r["device_to_host_bytes"] + r["disk_write_bytes"]) / 2**40 for r in members]
         ax.plot(written, [r["hit_ratio"] for r in members], "-", marker="o", label=name)
+        for x, r in zip(written, members):  # each point names the capacities it was run with
+            ax.annotate(f"host {r['host_blocks']}", (x, r["hit_ratio"]), fontsize=7, xytext=(4, -10),
+                        textcoords="offset points")
     ax.set_xlabel("bytes written to lower tiers (TiB)")
     ax.set_ylabel("hit ratio")
     ax.set_title(title, fontsize=10)
