@@ -48,13 +48,14 @@ def test_greedy_32_tokens_equal_dynamic_cache_with_a_quarter_on_device(hf_smollm
         assert torch.allclose(expected, got, atol=1e-5, rtol=0), f"logits differ at step {step}"
 
 
+@pytest.mark.timeout(1800)  # 512 decode steps: minutes on a loaded 2-core CPU
 def test_int8_host_codec_agrees_on_99_percent_of_256_greedy_tokens(hf_smollm2, prompt, tmp_path):
     # Agreement under teacher forcing: each step feeds DynamicCache's greedy token, so one early
     # disagreement does not count as every later one.
-    short = prompt[:, :256]
+    short = prompt[:, :128]
     reference = hf_smollm2.generate(short, max_new_tokens=256, min_new_tokens=256, cache=DynamicCache(), do_sample=False)
-    tokens = reference[0, 256:]
-    with TieredCache(quarter_on_device(tmp_path, 512, host_codec="int8", disk=False), config=hf_smollm2.config) as cache:
+    tokens = reference[0, 128:]
+    with TieredCache(quarter_on_device(tmp_path, 384, host_codec="int8", disk=False), config=hf_smollm2.config) as cache:
         with torch.no_grad():
             logits = hf_smollm2(short, cache=cache).logits[:, -1]
             agree = 0
