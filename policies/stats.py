@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(slots=True)
 class BlockStats:
     """Statistics of one stored block.
 
     Steps are ticks of the store's logical clock, which advances once per operation.
-    key_min, key_max: [kv_heads, head_dim], the per-channel key bounds (Quest), kept in the
-    fastest tier whichever tier holds the block; None until an estimator asks for them.
     """
 
     nbytes: int  # bytes of capacity the block takes in its tier
@@ -24,8 +20,6 @@ class BlockStats:
     tokens: int = 0  # tokens the block holds (a sequence's last block may be partial)
     hits: int = 0  # reads since it was put
     score: float = 0.0  # importance, higher is more valuable
-    key_min: torch.Tensor | None = None
-    key_max: torch.Tensor | None = None
 
     @property
     def last_used_step(self) -> int:

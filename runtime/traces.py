@@ -10,14 +10,13 @@ can only ever yield numeric arrays.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from policies.trace import Trace
+from tiered.atomic import atomic_path
 
 
 def save_trace(trace: Trace, path: str | Path) -> Path:
@@ -27,16 +26,8 @@ def save_trace(trace: Trace, path: str | Path) -> Path:
     path = Path(path)
     arrays = trace.to_arrays()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, mode=0o644) as tmp, open(tmp, "wb") as file:
+        np.savez(file, **arrays)
     return path
 
 

@@ -67,11 +67,11 @@ class Placement:
         """Store `block` in the device tier, replacing any earlier block of `key`."""
         step = self.tick()
         if self.where.get(key) == DEVICE:
-            self.discard(key)
+            self.remove(key)
         else:
             self.make_room(DEVICE, self.device_tier.slot_bytes, key, leaving=key)
             if key in self.where:  # an older version in a lower tier, unless room-making dropped it
-                self.discard(key)
+                self.remove(key)
         self.device_tier.put(key, block)
         self.track(key, DEVICE, self.device_tier.slot_bytes, step, tokens=block.tokens)
         self.counters[DEVICE].bytes_in += block.nbytes
@@ -138,7 +138,7 @@ class Placement:
                 self.untrack(key)
                 self.persisted.add(key)
             else:
-                self.discard(key)
+                self.remove(key)
         self.counters[t].promotions += 1
         self.counters[t].bytes_out += item.nbytes
         self.counters[DEVICE].bytes_in += slot.nbytes
@@ -196,7 +196,7 @@ class Placement:
         """
         source = self.tiers[t]
         if t == len(self.tiers) - 1:
-            self.discard(key)
+            self.remove(key)
             self.counters[t].dropped += 1
             return
         if t + 1 == self.persistent and key in self.persisted:  # already written through: drop this copy
@@ -256,7 +256,7 @@ class Placement:
         self.where[key] = t
         return stats
 
-    def discard(self, key: BlockKey) -> None:
+    def remove(self, key: BlockKey) -> None:
         """Remove `key` from its tier (and its written-through copy) and forget it."""
         t = self.where[key]
         self.untrack(key)

@@ -243,7 +243,7 @@ class TieredStore:
             if refs:
                 place.refs[content_key] += refs
             if content_key in place.where:
-                place.discard(key)
+                place.remove(key)
                 self._counters.seal_hits += 1
                 return False
             place.rename(key, content_key)
@@ -327,7 +327,7 @@ class TieredStore:
             self._check_open()
             if key not in self._place.where:
                 return False
-            self._place.discard(key)
+            self._place.remove(key)
             self._counters.removes += 1
             return True
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import torch
 import xxhash
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from tiered.atomic import atomic_path
 
 from .checkpoint import Checkpoint
 from .config import ModelConfig
@@ -75,18 +76,11 @@ def store_cached(checkpoint: Checkpoint) -> Path | None:
         "config": json.dumps(dataclasses.asdict(checkpoint.config)),
         "tokenizer": checkpoint.tokenizer.to_json(),
     }
-    temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(descriptor)
-        save_file(tensors, temporary, metadata=metadata)
-        with open(temporary, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        with atomic_path(path, mode=0o644) as temporary:
+            save_file(tensors, str(temporary), metadata=metadata)
     except OSError as error:
         warnings.warn(f"could not write the weight cache {path}: {error}", stacklevel=2)
-        if temporary is not None and os.path.exists(temporary):
-            os.unlink(temporary)
         return None
     return path

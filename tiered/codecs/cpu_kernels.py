@@ -17,7 +17,6 @@ import os
 import platform
 import shlex
 import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path
 from . import reference
 from .layout import QuantFormat
 
@@ -76,16 +76,12 @@ def _build() -> ctypes.CDLL:
     target = cache_dir() / f"cpu_kernels-{digest}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
-            os.replace(tmp, target)  # atomic: concurrent builders each install a whole library
+        try:  # atomic: concurrent builders each install a whole library
+            with atomic_path(target, mode=0o755) as tmp:
+                subprocess.run([compiler, *flags, "-o", str(tmp), str(SOURCE), "-lm"], check=True, capture_output=True,
+                               text=True)
         except subprocess.CalledProcessError as err:
             raise OSError(f"{compiler} failed: {err.stderr.strip()[-2000:]}") from err
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     i64, i32, address = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     # begin, end, keys, values, payloads, strides, H, T, D, dtype, kind, bits, group, offsets

@@ -1,10 +1,12 @@
-"""File helpers of the disk tier: private directories and files, exact reads, atomic replaces."""
+"""File helpers of the disk tier: private directories and files, exact reads. Atomic replaces are
+tiered.atomic's (re-exported here for the tier's modules)."""
 
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
+
+from ..atomic import atomic_write  # noqa: F401  (re-exported)
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -63,26 +65,3 @@ def pread_into(fd: int, length: int, offset: int) -> bytearray:
             break
         got += n
     return buffer
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` (mode 0600): a temporary file, fsync, rename, fsync of the directory.
-
-    A reader sees the old file or the new one, never a mix; on failure the old file is untouched.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = create_file(tmp)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)

@@ -19,11 +19,6 @@ class Location(NamedTuple):
     raw_len: int  # bytes of the Encoded payload it decodes to
     tokens: int  # tokens of the block
 
-    @property
-    def logical_bytes(self) -> int:
-        """Header plus uncompressed payload: what the tier charges for the block."""
-        return self.header_len + self.raw_len
-
 
 class Index:
     """key -> Location, and per segment the keys it holds and their record bytes. Not locked."""

@@ -52,7 +52,6 @@ class Segment:
         self.fd = fd
         self.uuid = seg_uuid  # None when the segment header is damaged
         self.end = end  # bytes in the file as this process knows it; appends go here
-        self.writable = writable
         self.sealed = not writable  # no more appends
         self.retired = False  # unlinked; the fd closes with its last reader
         self.compacting = False
