@@ -99,7 +99,8 @@ class ARC(EvictionPolicy):
     def on_remove(self, key: Hashable) -> None:
         if key not in self._seen:
             return
-        evicted = next(self.candidates()) == key
+        first = self._t1 if self._replaces_t1(len(self._t1), len(self._t2)) else self._t2
+        evicted = key == next(iter(first))  # the block REPLACE takes: an eviction, remembered in a ghost
         if self._t1.pop(key, False) is None:
             if evicted:
                 self._b1[key] = None
@@ -113,14 +114,17 @@ class ARC(EvictionPolicy):
         """Tracked keys in the order successive REPLACE steps would take them; changes nothing."""
         t1_left, t2_left = len(self._t1), len(self._t2)
         t1, t2 = iter(self._t1), iter(self._t2)
-        target = self._target_t1
         while t1_left or t2_left:
-            if t1_left and (t1_left > target or not t2_left):
+            if self._replaces_t1(t1_left, t2_left):
                 t1_left -= 1
                 yield next(t1)
             else:
                 t2_left -= 1
                 yield next(t2)
+
+    def _replaces_t1(self, t1_blocks: int, t2_blocks: int) -> bool:
+        """REPLACE's choice: T1's least recent block leaves (True) or T2's (False)."""
+        return t1_blocks > 0 and (t1_blocks > self._target_t1 or t2_blocks == 0)
 
     def __len__(self) -> int:
         return len(self._seen)

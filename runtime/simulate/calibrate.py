@@ -23,8 +23,14 @@ from .profile import HardwareProfile, Link
 BLOCK_SHAPE = (8, 64, 128)  # [kv_heads, tokens, head_dim] of the blocks moved, in fp16
 
 
-def calibrate(path: Path, progress: Callable[[str], object] = print, model_name: str = "smollm2-135m") -> Path:
-    """Measure this machine, write its profile as YAML to `path`, and return the path."""
+def calibrate(
+    path: Path,
+    progress: Callable[[str], object] = print,
+    model_name: str = "smollm2-135m",
+    prefill_tokens: tuple[int, int] = (128, 512),
+) -> Path:
+    """Measure this machine, write its profile as YAML to `path`, and return the path.
+    prefill_tokens: the two prompt lengths the prefill is timed at."""
     progress("measuring memory copies ...")
     hbm = _copy_link()
     progress(f"  {hbm.bytes_per_s / 1e9:.1f} GB/s")
@@ -35,7 +41,7 @@ def calibrate(path: Path, progress: Callable[[str], object] = print, model_name:
     disk = _store_link(disk=True)
     progress(f"  {disk.bytes_per_s / 1e9:.2f} GB/s, {disk.latency_s * 1e6:.0f} us per block")
     progress(f"measuring prefill of {model_name} ...")
-    kv_bytes_per_token, per_token_s, overhead_s = _prefill(model_name)
+    kv_bytes_per_token, per_token_s, overhead_s = _prefill(model_name, *prefill_tokens)
     progress(f"  {per_token_s * 1e3:.3f} ms per token, {overhead_s * 1e3:.1f} ms per prefill")
     profile = HardwareProfile(
         name="cpu-local",
@@ -67,13 +73,14 @@ def _copy_link(nbytes: int = 256 << 20, repeats: int = 5) -> Link:
 def _store_link(disk: bool) -> Link:
     """Promotions into the device tier from the host (or disk) tier, timed for blocks of two sizes:
     the slope over bytes is the bandwidth, the intercept the cost of one transfer."""
+    _promotion_s(disk, tokens=64, blocks=8, rounds=1)  # warm up: kernels compile and pools allocate on first use
     small_bytes, small_s = _promotion_s(disk, tokens=16)
-    large_bytes, large_s = _promotion_s(disk, tokens=128)
+    large_bytes, large_s = _promotion_s(disk, tokens=64)
     per_byte_s = max((large_s - small_s) / (large_bytes - small_bytes), large_s / large_bytes / 8)
     return Link(bytes_per_s=1.0 / per_byte_s, latency_s=max(small_s - per_byte_s * small_bytes, 0.0))
 
 
-def _promotion_s(disk: bool, tokens: int, blocks: int = 64, rounds: int = 3) -> tuple[int, float]:
+def _promotion_s(disk: bool, tokens: int, blocks: int = 64, rounds: int = 5) -> tuple[int, float]:
     """(bytes of one block, best seconds per promotion of it) through a real TieredStore."""
     from tiered import BlockKey, KVBlock, StoreConfig, TieredStore
 
@@ -101,7 +108,10 @@ def _promotion_s(disk: bool, tokens: int, blocks: int = 64, rounds: int = 3) -> 
     return block_bytes, best
 
 
-def _prefill(model_name: str, short_tokens: int = 256, long_tokens: int = 1024) -> tuple[int, float, float]:
+def _prefill(
+    model_name: str, short_tokens: int = 128, long_tokens: int = 512, repeats: int = 3
+) -> tuple[int, float, float]:
+    """(KV bytes per token, seconds per prefilled token, fixed seconds per prefill) of our decoder."""
     from tiered import TieredStore
 
     from ..model import load_model
@@ -119,10 +129,13 @@ def _prefill(model_name: str, short_tokens: int = 256, long_tokens: int = 1024) 
                 return _timed(lambda: session.extend(ids))
 
         prefill_s(64)  # warm up
-        short = min(prefill_s(short_tokens) for _ in range(2))
-        long = min(prefill_s(long_tokens) for _ in range(2))
-    per_token_s = max((long - short) / (long_tokens - short_tokens), 1e-9)
-    return kv_bytes_per_token, per_token_s, max(short - per_token_s * short_tokens, 0.0)
+        short = min(prefill_s(short_tokens) for _ in range(repeats))  # the best run: the least disturbed
+        long = min(prefill_s(long_tokens) for _ in range(repeats))
+    per_token_s = (long - short) / (long_tokens - short_tokens)
+    overhead_s = short - per_token_s * short_tokens
+    if per_token_s <= 0 or overhead_s < 0 or overhead_s > short / 2:  # too noisy to split: no fixed cost
+        return kv_bytes_per_token, long / long_tokens, 0.0
+    return kv_bytes_per_token, per_token_s, overhead_s
 
 
 def _timed(work: Callable[[], object]) -> float:
