@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from policies import BlockStats, make_eviction
+from policies.write import make_write
 
 from .block import BlockKey, BlockLayout, KVBlock
 from .codecs import Codec, make_codec
@@ -57,7 +58,8 @@ class TieredStore:
             codecs.append(make_codec(config.disk_codec))
             tiers.append(self._open_disk(config, codecs[-1]))
         policies = [make_eviction(config.eviction, **config.eviction_kwargs) for _ in tiers]  # one per tier
-        write_through = config.disk_dir is not None and config.disk_write == "through"
+        # the simulator's write decisions and the store's are one: policies.write's, by name
+        write_through = config.disk_dir is not None and make_write(f"write-{config.disk_write}").write_now(hits=0)
         self._place = Placement(tiers, codecs, policies, self.device, config.block_tokens, persistent=write_through)
         self._counters = StoreCounters()
         self._lock = threading.RLock()

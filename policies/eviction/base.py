@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,7 +28,8 @@ class EvictionPolicy(ABC):
 
     monotone: ClassVar[bool] = False
 
-    _entries: dict[Hashable, tuple[Any, int]] = field(init=False, repr=False, default_factory=dict)
+    # an OrderedDict: iterating a plain dict from the front slows as deletions there pile up
+    _entries: dict[Hashable, tuple[Any, int]] = field(init=False, repr=False, default_factory=OrderedDict)
     _sorted: SortedList | None = field(init=False, repr=False, default=None)
     _top: Any = field(init=False, repr=False, default=None)
     _seq: int = field(init=False, repr=False, default=0)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import experiment, inspect, run, simulate
+from . import experiment, inspect, run, sessions, simulate
 
 COMMANDS: dict[str, Callable] = {
     "run": run.register,
     "experiment": experiment.register,
     "inspect": inspect.register,
+    "sessions": sessions.register,
     "simulate": simulate.register,
 }

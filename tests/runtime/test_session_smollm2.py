@@ -1,5 +1,6 @@
 """Sessions of the real default model over the tiered store: exact through every tier, quantized
-host blocks, and sparse attention that still finds a passkey."""
+host blocks, sparse attention that still finds a passkey with the default config, and two
+conversations over one document that share its blocks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from runtime import Session
-from tiered import CODECS, StoreConfig
+from runtime.passkey import passkey_prompt
+from tiered import StoreConfig, TieredStore
 
 from .tiny_models import shakespeare
 
@@ -54,7 +56,6 @@ def test_exact_through_host_and_disk_equals_all_on_device(smollm2, text_ids, all
     assert tokens == all_on_device[1]
 
 
-@pytest.mark.skipif("int8" not in CODECS, reason="the int8 codec is not registered")
 def test_int8_host_codec_keeps_top1_agreement(smollm2, text_ids, all_on_device):
     block = kv_block_bytes(smollm2)
     config = StoreConfig(device="cpu", device_bytes=60 * block, host_bytes=1 << 30, host_codec="int8")
@@ -65,31 +66,37 @@ def test_int8_host_codec_keeps_top1_agreement(smollm2, text_ids, all_on_device):
     assert agreement >= 0.99
 
 
-def passkey_prompt(model, depth: float, haystack_tokens: int = 1800) -> list[int]:
-    """A passkey hidden at `depth` of a Shakespeare haystack, then the question (about 1.9K tokens).
-
-    The needle states the key three times: SmolLM2-135M, all cache exact, finds it so at every depth.
-    """
-    tokenizer = model.tokenizer
-    filler = tokenizer.encode(shakespeare(14_000))[:haystack_tokens]
-    cut = int(len(filler) * depth)
-    needle = f"The pass key is {PASSKEY}. Remember it. {PASSKEY} is the pass key. The pass key is {PASSKEY}."
-    text = tokenizer.decode(filler[:cut]) + "\n" + needle + "\n" + tokenizer.decode(filler[cut:])
-    return tokenizer.encode(
-        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-        "I will quiz you about the important information there.\n\n" + text + "\n\nWhat is the pass key? The pass key is"
-    )
-
-
 @pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
-def test_sparse_quarter_budget_finds_the_passkey(smollm2, depth):
-    ids = passkey_prompt(smollm2, depth)
+def test_sparse_with_the_default_config_finds_the_passkey(smollm2, depth):
+    ids = passkey_prompt(smollm2.tokenizer, PASSKEY, depth)
     assert 1800 <= len(ids) <= 2048
-    # 16-token blocks: Quest's page size; its per-block key bounds get loose over 64 tokens
-    config = StoreConfig(device="cpu", device_bytes=128 << 20, host_bytes=16 << 20, block_tokens=16)
-    with Session(smollm2, config, mode="sparse", budget_tokens=len(ids) // 4, importance="quest") as session:
+    # the default StoreConfig: 64-token blocks, with 16-token pages chosen per KV head inside them
+    with Session(smollm2, mode="sparse", budget_tokens=512, importance="quest") as session:
         teacher_force(session, ids, chunk=512)
         answer = smollm2.tokenizer.decode(session.generate(6))
         kv = session.stats()["kv"]
     assert PASSKEY in answer, answer
-    assert kv["sparse_steps"] > 0
+    assert kv["sparse_steps"] > 0 and kv["attended_tokens"] < kv["appended_tokens"] * 30
+
+
+def test_two_conversations_over_one_document_share_its_blocks(smollm2):
+    tokenizer = smollm2.tokenizer
+    document = tokenizer.decode(tokenizer.encode(shakespeare(8000))[:1000])
+
+    def prompt(question: str) -> list[int]:
+        return tokenizer.apply_chat_template([{"role": "user", "content": f"{document}\n\n{question}"}])
+
+    first, second = prompt("Who speaks first?"), prompt("What do the citizens want?")
+    shared_tokens = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared_tokens >= 1000
+    with Session(smollm2) as alone:
+        alone.extend(second)
+        expected = alone.generate(12)
+    with TieredStore(StoreConfig(device="cpu", layers=smollm2.config.num_layers, fingerprint=smollm2.fingerprint)) as store:
+        with Session(smollm2, store=store) as a:
+            a.extend(first)
+            a.generate(4)
+            with Session(smollm2, store=store) as b:
+                b.extend(second)
+                assert b.generate(12) == expected
+                assert b.stats()["reused_tokens"] >= shared_tokens // 64 * 64
