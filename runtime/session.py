@@ -21,6 +21,7 @@ from torch import Tensor
 from tiered import StoreConfig, TieredStore
 from tiered.content import chain_hashes, chain_root
 
+from . import open_stores
 from . import saved as saved_sessions
 from .kv import KVManager
 from .kv.manager import BlocksLost
@@ -36,7 +37,8 @@ class Session:
 
     model          a runtime.Model
     store_config   the tiered store to create for this session (its `layers` and `fingerprint`
-                   are filled in from the model); or pass `store=` to share an open store
+                   are filled in from the model); sessions given the same config with a disk_dir
+                   share one store in this process. Or pass `store=` to share an open store
     mode           "exact" (every block takes part) or "sparse" (decode reads a budget of tokens)
     budget_tokens  sparse mode: tokens each KV head reads per layer and decode step
     importance     sparse mode: importance estimator name (policies.IMPORTANCE)
@@ -69,8 +71,8 @@ class Session:
         session_id = saved_sessions.check_session_id(session_id or uuid.uuid4().hex)
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be an int > 0, got {chunk_tokens!r}")
-        if store is None:
-            store = TieredStore(model_store_config(model, store_config))
+        if store is None:  # sessions given one disk directory in this process share its store
+            store = open_stores.acquire(model_store_config(model, store_config))
             self._owns_store = True
         elif store_config is not None:
             raise ValueError("pass store_config or store, not both")
@@ -340,7 +342,7 @@ class Session:
 
     def _close_store(self) -> None:
         if self._owns_store:
-            self.store.close()
+            open_stores.release(self.store)
 
     def _check_open(self) -> None:
         if self._closed:

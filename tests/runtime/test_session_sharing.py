@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from runtime import Session, load_model
-from tiered import StoreConfig, TieredStore
+from tiered import BlockKey, StoreConfig, TieredStore
 from tiered.content import is_content_key
 
 from .tiny_models import write_hf_dir
@@ -126,3 +126,25 @@ def test_sessions_on_one_store_from_several_threads(tiny):
         assert not errors, errors
         assert all(is_content_key(key) for key in store.keys())  # every private block was removed on close
     assert [results[n] for n in range(4)] == expected
+
+
+def test_sessions_given_one_disk_directory_share_its_store(tiny, tmp_path):
+    shared = config(tiny, disk_dir=str(tmp_path / "kv"))
+    document = ids(tiny, 64, seed=30)
+    a = Session(tiny, shared)
+    b = Session(tiny, shared)  # not DirectoryBusy: the same store
+    assert a.store is b.store
+    a.extend(document + [5])
+    b.extend(document + [6])
+    assert b.stats()["reused_tokens"] == 64
+    a.close()
+    assert len(b.generate(3, stop=[])) == 3  # the store stays open for b
+    b.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        b.store.get(BlockKey("x", 0, 0))  # the last session closed the store
+    with Session(tiny, shared) as c:  # a new store over the directory, with what a and b sealed
+        c.extend(document + [7])
+        assert c.stats()["reused_tokens"] == 64
+    with Session(tiny, shared) as d, pytest.raises(ValueError, match="another StoreConfig"):
+        Session(tiny, config(tiny, host_blocks=7, disk_dir=str(tmp_path / "kv")))
+    assert d.store is not None
