@@ -4,7 +4,7 @@ from .kv import KVManager
 from .model import load_model
 from .session import Session
 
-__all__ = ["KVManager", "Session", "TieredCache", "load_model"]
+__all__ = ["Cluster", "KVManager", "Session", "TieredCache", "load_model"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from .hf import TieredCache
 
         return TieredCache
+    if name == "Cluster":  # imports Ray and Ray Serve: only when it is asked for
+        from .cluster import Cluster
+
+        return Cluster
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

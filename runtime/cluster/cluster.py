@@ -1,0 +1,188 @@
+"""Cluster: session workers as the replicas of a Ray Serve deployment, behind the SessionRouter.
+
+    with Cluster(model="smollm2-135m", workers=2, store_config=StoreConfig(...)) as cluster:
+        session = cluster.open()
+        session.extend(ids)
+        session.generate(32)
+        cluster.worker_of(session.session_id)   # the Ray actor of its replica
+        cluster.stats()
+
+One replica per GPU when GPUs exist (num_gpus=1, model and store on it), CPU replicas otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import ray
+import torch
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from tiered import StoreConfig
+
+from ..actors import start_ray
+from ..saved import check_session_id
+from .handle import ClusterSession
+from .replica import SessionReplica
+from .router import SessionRouter
+from .table import TABLES, RoutingTable
+
+SERVE_NAMESPACE = "serve"
+DEPLOYMENT = "SessionReplica"
+
+
+class Cluster:
+    """Starts (or joins, with `address`) Ray and deploys `workers` SessionReplicas of `model`.
+
+    model              a model name or checkpoint path, as runtime.load_model takes it
+    workers            replicas (one per GPU when there are GPUs)
+    store_config       each replica's store (device/host tiers local to it; a disk_dir gets a
+                       subdirectory per replica)
+    shared_dir         reserved for the cluster-wide shared tier (not built yet; must be None)
+    address            None: a new embedded local Ray instance (or RAY_ADDRESS); see start_ray
+    routing            policies.routing name that places new sessions ("prefix-affinity")
+    cpus_per_worker    CPUs each replica reserves
+    num_cpus           CPUs of a new local Ray instance (None: the machine's)
+    call_timeout_s     longest a single call may take before TimeoutError
+    failover_timeout_s how long a session's calls keep retrying while its replica is replaced
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        workers: int = 2,
+        store_config: StoreConfig | None = None,
+        shared_dir: str | Path | None = None,
+        address: str | None = None,
+        *,
+        routing: str = "prefix-affinity",
+        dtype: str = "float32",
+        cpus_per_worker: float = 1.0,
+        num_cpus: int | None = None,
+        call_timeout_s: float = 300.0,
+        failover_timeout_s: float = 120.0,
+    ) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
+            raise ValueError(f"workers must be an int > 0, got {workers!r}")
+        if not isinstance(model, (str, Path)):
+            raise TypeError(f"model must be a name or a path, got {type(model).__name__}")
+        if store_config is not None and not isinstance(store_config, StoreConfig):
+            raise TypeError(f"store_config must be a StoreConfig, got {type(store_config).__name__}")
+        if shared_dir is not None:
+            raise ValueError("shared_dir: the shared tier is not built yet; pass None")
+        for name, value in (("call_timeout_s", call_timeout_s), ("failover_timeout_s", failover_timeout_s),
+                            ("cpus_per_worker", cpus_per_worker)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        self.table = RoutingTable(routing)  # validates the routing name
+        self.call_timeout_s, self.failover_timeout_s = float(call_timeout_s), float(failover_timeout_s)
+        gpus = torch.cuda.device_count()
+        device = "cuda" if gpus else "cpu"
+        store_config = store_config or StoreConfig(device=device)
+        if gpus:  # the model and the store on the replica's GPU
+            store_config = dataclasses.replace(store_config, device="cuda")
+        self.block_tokens = store_config.block_tokens
+        self._table_key = f"tiered-{uuid.uuid4().hex[:12]}"
+        self.app_name = self._table_key
+        TABLES[self._table_key] = self.table
+        self._closed = False
+        self._actor_names: dict[str, str] = {}  # replica id -> its actor's name
+        start_ray(address, num_cpus=num_cpus)
+        serve.start(proxy_location="Disabled")
+        deployment = serve.deployment(SessionReplica, name=DEPLOYMENT).options(
+            num_replicas=workers,
+            ray_actor_options={"num_cpus": cpus_per_worker, "num_gpus": 1 if gpus else 0},
+            max_ongoing_requests=64,
+            health_check_period_s=2,
+            health_check_timeout_s=60,
+            request_router_config=RequestRouterConfig(
+                request_router_class=SessionRouter,
+                request_router_kwargs={"table_key": self._table_key, "routing": routing},
+            ),
+        )
+        try:
+            self._handle = serve.run(deployment.bind(str(model), store_config, dtype, device), name=self.app_name,
+                                     route_prefix=None)
+            info = self._any_replica()["model"]
+        except BaseException:
+            self.shutdown()
+            raise
+        self.fingerprint = info["fingerprint"]
+        self.model_info = info
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def open(self, session_id: str | None = None, **session_options) -> ClusterSession:
+        """A new session (options as runtime.Session takes them); it is placed on a replica at
+        its first call, by the longest cached prefix of its first tokens."""
+        self._check_open()
+        session_id = check_session_id(session_id or uuid.uuid4().hex)
+        if self.table.home_of(session_id) is not None:
+            raise ValueError(f"session {session_id!r} is already open on this cluster")
+        return ClusterSession(self, session_id, session_options)
+
+    def worker_of(self, session_id: str):
+        """The Ray actor handle of the replica hosting `session_id`; KeyError if none does."""
+        replica_id = self.table.home_of(session_id)
+        if replica_id is None:
+            raise KeyError(f"session {session_id!r} is not hosted by any replica")
+        return ray.get_actor(self._actor_names[replica_id], namespace=SERVE_NAMESPACE)
+
+    def stats(self) -> dict:
+        """Per replica (by Serve replica id): actor name, node, sessions, the store's statistics
+        (tier occupancy, hits and misses), and the routing table's view (sessions = load)."""
+        self._check_open()
+        out = {}
+        for replica_id, routed in self.table.snapshot().items():
+            described = self.call("describe", replica=replica_id)
+            self._actor_names[replica_id] = described["actor_name"]
+            out[replica_id] = {**described, "routed": routed}
+        return {"replicas": out, "workers": len(out)}
+
+    # -- calls (used by ClusterSession) ---------------------------------------------------------
+
+    def call(self, method: str, *args, **kwargs):
+        """Call `method` of the replica the router picks, blocking up to call_timeout_s."""
+        self._check_open()
+        return getattr(self._handle, method).remote(*args, **kwargs).result(timeout_s=self.call_timeout_s)
+
+    def stream(self, session_id: str, max_new_tokens: int, temperature: float, seed: int | None) -> Iterator[int]:
+        self._check_open()
+        handle = self._handle.options(method_name="stream", stream=True)
+        yield from handle.remote(session_id, max_new_tokens, temperature, seed)
+
+    def adopt(self, session_id: str, options: dict, tokens: list[int], block_hashes: list[str]) -> dict:
+        identity = self.call("adopt", session_id, options, tokens, block_hashes=block_hashes)
+        self._actor_names[identity["replica_id"]] = identity["actor_name"]
+        return identity
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Delete the application (replicas close their stores); Ray stays up. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            serve.delete(self.app_name)
+        finally:
+            TABLES.pop(self._table_key, None)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def _any_replica(self) -> dict:
+        identity = self._handle.describe.remote().result(timeout_s=self.call_timeout_s)
+        self._actor_names[identity["replica_id"]] = identity["actor_name"]
+        return identity
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the cluster is shut down")

@@ -1,0 +1,99 @@
+"""SessionReplica: one replica of the cluster's Ray Serve deployment; a thin shell around SessionWorker.
+
+The replica holds one model and one store (device and host tiers local to it; a disk tier in a
+directory of its own below the configured disk_dir, since a disk directory has one writer). Its
+calls are serialized (one lock): sessions of a replica take turns, a token at a time when
+streaming. Every method names its session first, which is what the router routes by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from tiered import StoreConfig
+
+from ..worker import SessionWorker
+
+
+class SessionMissing(KeyError):
+    """The replica does not host the session (it was placed elsewhere, or its replica died)."""
+
+
+class SessionReplica:
+    """model, store_config, dtype, device   as SessionWorker takes them."""
+
+    def __init__(self, model: str, store_config: StoreConfig | None, dtype: str = "float32", device: str = "cpu") -> None:
+        self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
+        context = ray.get_runtime_context()
+        self.actor_name = context.get_actor_name()
+        self.node_id = context.get_node_id()
+        if store_config is not None and store_config.disk_dir is not None:
+            own = Path(store_config.disk_dir) / f"replica-{self.replica_id.rsplit('#', 1)[-1]}"
+            store_config = dataclasses.replace(store_config, disk_dir=own)
+        self.worker = SessionWorker(model, store_config, dtype=dtype, device=device)
+        self._lock = threading.Lock()
+
+    def adopt(self, session_id: str, options: dict, tokens: list[int], block_hashes: list[str] = ()) -> dict:
+        """Host `session_id` from its token log (a new session has none): blocks the store holds
+        are reused, the rest computed. Replaces a copy this replica already had."""
+        with self._lock:
+            self.worker.close(session_id)
+            self.worker.open(session_id, **options)
+            try:
+                if tokens:
+                    self.worker.extend(session_id, tokens)
+            except BaseException:
+                self.worker.close(session_id)
+                raise
+            return self._identity()
+
+    def extend(self, session_id: str, token_ids: list[int], block_hashes: list[str] = ()) -> int:
+        with self._lock:
+            return self.worker.extend(self._check(session_id), token_ids)
+
+    def stream(self, session_id: str, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Iterator[int]:
+        with self._lock:
+            tokens = self.worker.stream(self._check(session_id), max_new_tokens, temperature, seed)
+        while True:
+            with self._lock:
+                token = next(tokens, None)
+            if token is None:
+                return
+            yield token
+
+    def stats(self, session_id: str) -> dict:
+        with self._lock:
+            return {**self.worker.stats(self._check(session_id)), **self._identity()}
+
+    def save(self, session_id: str) -> str:
+        with self._lock:
+            return self.worker.save(self._check(session_id))
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            self.worker.close(session_id)
+
+    def describe(self, replica: str | None = None) -> dict:
+        """The replica's identity, its sessions, its store's statistics and the model's shape."""
+        with self._lock:
+            return {**self._identity(), "sessions": sorted(self.worker.sessions), "store": self.worker.store.stats(),
+                    "model": self.worker.model_info()}
+
+    def __del__(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.shutdown()
+
+    def _check(self, session_id: str) -> str:
+        if session_id not in self.worker.sessions:
+            raise SessionMissing(f"session {session_id!r} is not on replica {self.replica_id}")
+        return session_id
+
+    def _identity(self) -> dict:
+        return {"replica_id": self.replica_id, "actor_name": self.actor_name, "node_id": self.node_id}

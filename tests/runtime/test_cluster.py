@@ -1,0 +1,137 @@
+"""The cluster on a real local Ray with Ray Serve: two CPU replicas of a tiny random Llama.
+
+Every session's conversation equals the same conversation on an in-process Session; a session's
+calls stay on its replica; a new session sharing a document with a session on replica B goes to
+B; a replica killed mid-conversation is replaced and the conversation goes on unchanged.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from runtime import Cluster, Session, load_model  # noqa: E402
+from runtime.actors import start_ray  # noqa: E402
+from tiered import StoreConfig  # noqa: E402
+
+from .tiny_models import write_hf_dir  # noqa: E402
+
+BLOCK_TOKENS = 16
+CONFIG = StoreConfig(device="cpu", device_bytes=1 << 20, host_bytes=1 << 20, block_tokens=BLOCK_TOKENS)
+NEW_TOKENS = 6
+pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-cluster")
+    write_hf_dir(directory, "llama", seed=3)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+    return load_model(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_dir):
+    start_ray("local", num_cpus=4)
+    try:
+        with Cluster(model=str(tiny_dir), workers=2, store_config=CONFIG, call_timeout_s=120,
+                     failover_timeout_s=120) as running:
+            yield running
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def prompt(seed: int, length: int = 40) -> list[int]:
+    return [(seed * 37 + i * 11) % 500 + 3 for i in range(length)]
+
+
+def converse(session, turns: list[list[int]]) -> list[int]:
+    """Extend each turn and generate after it; the whole token log."""
+    for ids in turns:
+        session.extend(ids)
+        session.generate(NEW_TOKENS)
+    return list(session.tokens)
+
+
+def reference(model, turns: list[list[int]]) -> list[int]:
+    with Session(model, CONFIG) as session:
+        return converse(session, turns)
+
+
+def test_four_sessions_on_two_replicas_equal_in_process_sessions(cluster, tiny_model):
+    conversations = {f"conv-{k}": [prompt(k, 40 + 7 * k), prompt(100 + k, 9)] for k in range(4)}
+    handles = {sid: cluster.open(sid) for sid in conversations}
+    for sid, turns in conversations.items():  # interleaved: turn 1 of each, then turn 2 of each
+        handles[sid].extend(turns[0])
+    for sid in conversations:
+        handles[sid].generate(NEW_TOKENS)
+    for sid, turns in conversations.items():
+        handles[sid].extend(turns[1])
+        handles[sid].generate(NEW_TOKENS)
+    replicas = set()
+    for sid, turns in conversations.items():
+        assert handles[sid].tokens == reference(tiny_model, turns), sid
+        stats = handles[sid].stats()
+        assert stats["tokens"] == len(handles[sid].tokens)
+        assert stats["replica_id"] == handles[sid].replica_id  # its calls stayed on its replica
+        replicas.add(stats["replica_id"])
+    assert len(replicas) == 2  # distinct prompts, balanced by load
+    listing = cluster.stats()
+    assert listing["workers"] == 2
+    hosted = sorted(s for entry in listing["replicas"].values() for s in entry["sessions"])
+    assert hosted == sorted(conversations)
+    for sid in conversations:
+        assert cluster.worker_of(sid)._actor_id.hex() in {
+            ray.get_actor(entry["actor_name"], namespace="serve")._actor_id.hex()
+            for entry in listing["replicas"].values() if sid in entry["sessions"]}
+        handles[sid].close()
+    with pytest.raises(KeyError):
+        cluster.worker_of("conv-0")
+
+
+def test_a_new_session_sharing_a_prefix_goes_to_its_replica(cluster):
+    document = prompt(7, 6 * BLOCK_TOKENS)
+    other = cluster.open()
+    other.extend(prompt(8, 30))
+    first = cluster.open()
+    first.extend(document + prompt(9, 5))
+    home = first.replica_id
+    second = cluster.open()
+    second.extend(document + prompt(10, 5))
+    assert second.replica_id == home
+    assert second.stats()["reused_tokens"] == len(document)
+    for session in (other, first, second):
+        session.close()
+
+
+def test_failover_after_the_hosting_replica_is_killed(cluster, tiny_model):
+    turns = [prompt(20, 50), prompt(21, 12), prompt(22, 8)]
+    session = cluster.open("failover")
+    session.extend(turns[0])
+    session.generate(NEW_TOKENS)
+    victim = session.replica_id
+    ray.kill(cluster.worker_of("failover"))
+    session.extend(turns[1])
+    session.generate(NEW_TOKENS)
+    session.extend(turns[2])
+    session.generate(NEW_TOKENS)
+    assert session.tokens == reference(tiny_model, turns)
+    assert session.failovers >= 1 and session.replica_id != victim
+    assert session.stats()["tokens"] == len(session.tokens)
+    session.close()
+
+
+def test_bad_arguments(tiny_dir):
+    with pytest.raises(ValueError, match="workers"):
+        Cluster(model=str(tiny_dir), workers=0)
+    with pytest.raises(TypeError, match="store_config"):
+        Cluster(model=str(tiny_dir), store_config={"device": "cpu"})
+    with pytest.raises(ValueError, match="routing"):
+        Cluster(model=str(tiny_dir), routing="nearest")
