@@ -51,6 +51,10 @@ class StoreConfig:
     disk_segment_bytes  a segment file seals past min(this, disk_bytes / 8), and at least 64 KiB
     disk_compact_live_fraction  sealed segments with less live data than this fraction are
                   compacted in the background (0 turns compaction off)
+    shared_dir    a directory every replica of a cluster mounts (tiered.shared), below the local
+                  tiers, or None: sealed blocks are written through to it, stored in disk_codec,
+                  and any store configured with it can read what another wrote
+    shared_bytes  the budget of this store's share of the shared directory
     disk_write    "through" (default): a block is written to the disk tier in the background as
                   soon as it is sealed (full and content-addressed), and stays there when promoted,
                   so a crash loses no sealed block and another process can reuse it; "back": blocks
@@ -76,10 +80,12 @@ class StoreConfig:
     disk_segment_bytes: int = 64 * MiB
     disk_compact_live_fraction: float = 0.5
     disk_write: str = "through"
+    shared_dir: str | Path | None = None
+    shared_bytes: int = 64 * GiB
 
     def __post_init__(self) -> None:
         for name in ("device_bytes", "host_bytes", "disk_bytes", "block_tokens", "prefetch_threads",
-                     "disk_zstd_level", "disk_segment_bytes"):
+                     "disk_zstd_level", "disk_segment_bytes", "shared_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"StoreConfig.{name} must be int, got {type(value).__name__}")
@@ -101,6 +107,8 @@ class StoreConfig:
             raise ValueError(f"StoreConfig.device={self.device!r} but CUDA is not available; use 'cpu'")
         if self.disk_dir is not None and not isinstance(self.disk_dir, (str, Path)):
             raise TypeError(f"StoreConfig.disk_dir must be a path or None, got {type(self.disk_dir).__name__}")
+        if self.shared_dir is not None and not isinstance(self.shared_dir, (str, Path)):
+            raise TypeError(f"StoreConfig.shared_dir must be a path or None, got {type(self.shared_dir).__name__}")
         for name in ("host_codec", "disk_codec", "eviction"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"StoreConfig.{name} must be str, got {type(getattr(self, name)).__name__}")

@@ -35,6 +35,7 @@ from .disk import DiskTier
 from .gather import read_joined
 from .host import HostTier
 from .placement import DEVICE, Placement
+from .shared import SharedTier
 from .tier import Tier
 
 WRITE_BATCH = 64  # write-throughs per hold of the store's lock
@@ -57,9 +58,13 @@ class TieredStore:
         if config.disk_dir is not None:
             codecs.append(make_codec(config.disk_codec))
             tiers.append(self._open_disk(config, codecs[-1]))
+        if config.shared_dir is not None:  # the cluster-wide tier, below the local ones
+            codecs.append(make_codec(config.disk_codec))
+            tiers.append(SharedTier(config.shared_dir, config.shared_bytes, codec=codecs[-1].spec))
         policies = [make_eviction(config.eviction, **config.eviction_kwargs) for _ in tiers]  # one per tier
         # the simulator's write decisions and the store's are one: policies.write's, by name
-        write_through = config.disk_dir is not None and make_write(f"write-{config.disk_write}").write_now(hits=0)
+        persistent = config.disk_dir is not None or config.shared_dir is not None
+        write_through = persistent and make_write(f"write-{config.disk_write}").write_now(hits=0)
         self._place = Placement(tiers, codecs, policies, self.device, config.block_tokens, persistent=write_through)
         self._counters = StoreCounters()
         self._lock = threading.RLock()
@@ -293,6 +298,27 @@ class TieredStore:
         with self._lock:
             where = self._place.where
             return [key in where for key in keys]
+
+    def discover(self, keys: Iterable[BlockKey]) -> int:
+        """Track the blocks of `keys` that no tier of this store knows but the shared tier holds
+        (another store wrote them); returns how many. A no-op without a shared tier."""
+        with self._lock:
+            self._check_open()
+            place = self._place
+            bottom = len(place.tiers) - 1
+            shared = place.tiers[bottom]
+            if not isinstance(shared, SharedTier):
+                return 0
+            found = 0
+            for key in keys:
+                _check_key(key)
+                if key in place.where:
+                    continue
+                held = shared.held(key)
+                if held is not None:
+                    place.track(key, bottom, held[0], tokens=held[1])
+                    found += 1
+            return found
 
     def flush(self) -> None:
         """Wait until every queued write-through is on disk and durable (a no-op without one)."""
