@@ -25,6 +25,7 @@ from ray.serve.config import RequestRouterConfig
 from tiered import StoreConfig
 
 from ..actors import start_ray
+from .. import saved as saved_sessions
 from ..saved import check_session_id
 from .handle import ClusterSession
 from .replica import SessionReplica
@@ -42,7 +43,9 @@ class Cluster:
     workers            replicas (one per GPU when there are GPUs)
     store_config       each replica's store (device/host tiers local to it; a disk_dir gets a
                        subdirectory per replica)
-    shared_dir         reserved for the cluster-wide shared tier (not built yet; must be None)
+    shared_dir         a directory every node mounts: the cluster-wide shared tier (tiered.shared)
+                       below each replica's local tiers, and saved sessions' manifests; a session
+                       whose replica dies is rebuilt from it (and its token log) on another
     address            None: a new embedded local Ray instance (or RAY_ADDRESS); see start_ray
     routing            policies.routing name that places new sessions ("prefix-affinity")
     cpus_per_worker    CPUs each replica reserves
@@ -72,8 +75,8 @@ class Cluster:
             raise TypeError(f"model must be a name or a path, got {type(model).__name__}")
         if store_config is not None and not isinstance(store_config, StoreConfig):
             raise TypeError(f"store_config must be a StoreConfig, got {type(store_config).__name__}")
-        if shared_dir is not None:
-            raise ValueError("shared_dir: the shared tier is not built yet; pass None")
+        if shared_dir is not None and not isinstance(shared_dir, (str, Path)):
+            raise TypeError(f"shared_dir must be a path or None, got {type(shared_dir).__name__}")
         for name, value in (("call_timeout_s", call_timeout_s), ("failover_timeout_s", failover_timeout_s),
                             ("cpus_per_worker", cpus_per_worker)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -85,6 +88,10 @@ class Cluster:
         store_config = store_config or StoreConfig(device=device)
         if gpus:  # the model and the store on the replica's GPU
             store_config = dataclasses.replace(store_config, device="cuda")
+        if shared_dir is not None:
+            Path(shared_dir).mkdir(parents=True, exist_ok=True)
+            store_config = dataclasses.replace(store_config, shared_dir=str(Path(shared_dir).resolve()))
+        self.shared_dir = store_config.shared_dir
         self.block_tokens = store_config.block_tokens
         self._table_key = f"tiered-{uuid.uuid4().hex[:12]}"
         self.app_name = self._table_key
@@ -124,6 +131,19 @@ class Cluster:
         if self.table.home_of(session_id) is not None:
             raise ValueError(f"session {session_id!r} is already open on this cluster")
         return ClusterSession(self, session_id, session_options)
+
+    def resume(self, session_id: str) -> ClusterSession:
+        """A handle on the session saved (ClusterSession.save) in the shared directory; it is placed
+        at its first call on the replica holding the longest prefix of it."""
+        self._check_open()
+        if self.shared_dir is None:
+            raise ValueError("resume needs the cluster's shared_dir, where sessions are saved")
+        record = saved_sessions.read(self.shared_dir, session_id)
+        if record.fingerprint != self.fingerprint or record.block_tokens != self.block_tokens:
+            raise ValueError(f"saved session {session_id!r} was made with another model or block size")
+        session = ClusterSession(self, session_id, record.options)
+        session.tokens = list(record.tokens)
+        return session
 
     def worker_of(self, session_id: str):
         """The Ray actor handle of the replica hosting `session_id`; KeyError if none does."""

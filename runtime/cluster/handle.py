@@ -68,6 +68,8 @@ class ClusterSession:
         self._check_open()
         if not self.tokens:
             raise ValueError("generate needs a prompt: call extend() first")
+        if not self._placed:  # resumed from a save: placed where the longest prefix of it is
+            self._place(self.tokens)
         produced = 0
         deadline_s = time.monotonic() + self.cluster.failover_timeout_s
         while True:

@@ -17,7 +17,9 @@ import ray
 from ray import serve
 
 from tiered import StoreConfig
+from tiered.content import chain_hashes, chain_root, content_key
 
+from .. import saved as saved_sessions
 from ..worker import SessionWorker
 
 
@@ -44,6 +46,7 @@ class SessionReplica:
         are reused, the rest computed. Replaces a copy this replica already had."""
         with self._lock:
             self.worker.close(session_id)
+            self._discover(tokens, options.get("cache_salt", ""))
             self.worker.open(session_id, **options)
             try:
                 if tokens:
@@ -72,8 +75,19 @@ class SessionReplica:
             return {**self.worker.stats(self._check(session_id)), **self._identity()}
 
     def save(self, session_id: str) -> str:
+        """Save the session: its manifest in the shared directory when the store has one (any
+        replica resumes it), else next to this replica's disk tier. Returns the manifest's path."""
         with self._lock:
-            return self.worker.save(self._check(session_id))
+            session = self.worker.sessions[self._check(session_id)]
+            shared_dir = self.worker.store.config.shared_dir
+            if shared_dir is None:
+                return str(session.save())
+            self.worker.store.flush()  # its sealed blocks are in the shared tier first
+            record = saved_sessions.SavedSession(
+                session_id=session_id, fingerprint=self.worker.model.fingerprint,
+                block_tokens=self.worker.store.config.block_tokens, tokens=list(session.tokens),
+                options=dict(session.options), saved_at_s=saved_sessions.now_s())
+            return str(saved_sessions.write(shared_dir, record))
 
     def close(self, session_id: str) -> None:
         with self._lock:
@@ -89,6 +103,15 @@ class SessionReplica:
         worker = getattr(self, "worker", None)
         if worker is not None:
             worker.shutdown()
+
+    def _discover(self, tokens: list[int], salt: str) -> int:
+        """Make the store track the blocks of `tokens` that other replicas left in the shared tier."""
+        store = self.worker.store
+        if store.config.shared_dir is None or not tokens:
+            return 0
+        block_tokens, layers = store.config.block_tokens, self.worker.model.config.num_layers
+        digests = chain_hashes(chain_root(self.worker.model.fingerprint, block_tokens, salt), tokens, block_tokens)
+        return store.discover(content_key(d, layer, i) for i, d in enumerate(digests) for layer in range(layers))
 
     def _check(self, session_id: str) -> str:
         if session_id not in self.worker.sessions:

@@ -37,11 +37,11 @@ def tiny_model(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_dir):
+def cluster(tiny_dir, tmp_path_factory):
     start_ray("local", num_cpus=4)
     try:
-        with Cluster(model=str(tiny_dir), workers=2, store_config=CONFIG, call_timeout_s=120,
-                     failover_timeout_s=120) as running:
+        with Cluster(model=str(tiny_dir), workers=2, store_config=CONFIG, shared_dir=tmp_path_factory.mktemp("shared"),
+                     call_timeout_s=120, failover_timeout_s=120) as running:
             yield running
     finally:
         serve.shutdown()
@@ -116,16 +116,28 @@ def test_failover_after_the_hosting_replica_is_killed(cluster, tiny_model):
     session = cluster.open("failover")
     session.extend(turns[0])
     session.generate(NEW_TOKENS)
+    saved_tokens = list(session.tokens)
+    manifest = session.save()  # its sealed blocks are in the shared tier once this returns
+    assert manifest.startswith(str(cluster.shared_dir))
     victim = session.replica_id
     ray.kill(cluster.worker_of("failover"))
-    session.extend(turns[1])
+    session.extend(turns[1])  # placed again on a live replica, rebuilt from the shared tier + token log
+    stats = session.stats()
+    assert session.failovers == 1 and stats["replica_id"] != victim
+    blocks = len(saved_tokens) // BLOCK_TOKENS
+    assert stats["reused_tokens"] == blocks * BLOCK_TOKENS  # the victim's sealed blocks, read back
     session.generate(NEW_TOKENS)
     session.extend(turns[2])
     session.generate(NEW_TOKENS)
     assert session.tokens == reference(tiny_model, turns)
-    assert session.failovers >= 1 and session.replica_id != victim
     assert session.stats()["tokens"] == len(session.tokens)
     session.close()
+    resumed = cluster.resume("failover")  # the manifest of the save, from the shared directory
+    assert resumed.tokens == saved_tokens
+    resumed.extend(turns[1])
+    resumed.generate(NEW_TOKENS)
+    assert resumed.tokens == reference(tiny_model, turns[:2])
+    resumed.close()
 
 
 def test_bad_arguments(tiny_dir):
@@ -135,3 +147,5 @@ def test_bad_arguments(tiny_dir):
         Cluster(model=str(tiny_dir), store_config={"device": "cpu"})
     with pytest.raises(ValueError, match="routing"):
         Cluster(model=str(tiny_dir), routing="nearest")
+    with pytest.raises(TypeError, match="shared_dir"):
+        Cluster(model=str(tiny_dir), shared_dir=5)
