@@ -199,11 +199,14 @@ class Placement:
             self.remove(key)
             self.counters[t].dropped += 1
             return
-        if t + 1 == self.persistent and key in self.persisted:  # already written through: drop this copy
+        held = None
+        if t + 1 == self.persistent and key in self.persisted:  # written through: the copy below may serve
+            held = self.tiers[t + 1].held(key)
+            self.persisted.discard(key)
+        if held is not None:  # it does: this copy just goes
             stats = self.untrack(key)
             source.remove(key)
-            self.persisted.discard(key)
-            self.track(key, t + 1, self.tiers[t + 1].held(key)[0], stats=stats)
+            self.track(key, t + 1, held[0], stats=stats)
             self.counters[t].evictions += 1
             return
         item = source.get(key)
