@@ -96,18 +96,29 @@ def test_four_sessions_on_two_replicas_equal_in_process_sessions(cluster, tiny_m
         cluster.worker_of("conv-0")
 
 
-def test_a_new_session_sharing_a_prefix_goes_to_its_replica(cluster):
+def test_a_new_session_sharing_a_prefix_goes_to_its_replica_unless_it_is_overloaded(cluster):
     document = prompt(7, 6 * BLOCK_TOKENS)
     other = cluster.open()
     other.extend(prompt(8, 30))
     first = cluster.open()
     first.extend(document + prompt(9, 5))
     home = first.replica_id
-    second = cluster.open()
-    second.extend(document + prompt(10, 5))
-    assert second.replica_id == home
-    assert second.stats()["reused_tokens"] == len(document)
-    for session in (other, first, second):
+    opened = [other, first]
+    max_imbalance = cluster.table.policy.max_imbalance
+    for k in range(10):  # sessions over the document follow it until its replica is overloaded
+        loads = {r: len(entry["sessions"]) for r, entry in cluster.table.snapshot().items()}
+        overloaded = loads[home] - min(loads.values()) > max_imbalance
+        session = cluster.open()
+        opened.append(session)
+        session.extend(document + prompt(10 + k, 5))
+        if overloaded:
+            assert session.replica_id != home  # two choices, both sampled: the idle one
+            break
+        assert session.replica_id == home
+        assert session.stats()["reused_tokens"] == len(document)
+    else:
+        raise AssertionError("the document's replica never became overloaded")
+    for session in opened:
         session.close()
 
 
