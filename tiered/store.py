@@ -73,6 +73,7 @@ class TieredStore:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tiered-write-through")
         self._pending_writes: list[BlockKey] = []
         self._write_job: Future | None = None
+        self._writing = False  # a write job is queued or running
         for t in range(1, len(tiers)):
             for key in tiers[t].keys():  # blocks a persistent tier kept from an earlier run
                 held = tiers[t].held(key)
@@ -465,7 +466,8 @@ class TieredStore:
 
     def _queue_write(self, key: BlockKey) -> None:
         self._pending_writes.append(key)
-        if self._write_job is None or self._write_job.done():
+        if not self._writing:  # the writer's loop clears it, under the lock, as it finds nothing left
+            self._writing = True
             self._write_job = self._writer.submit(self._write_pending)
 
     def _write_pending(self) -> None:
@@ -473,9 +475,11 @@ class TieredStore:
         while True:
             with self._lock:
                 if self._closed and not self._pending_writes:
+                    self._writing = False
                     return
                 batch, self._pending_writes = self._pending_writes[:WRITE_BATCH], self._pending_writes[WRITE_BATCH:]
                 if not batch:
+                    self._writing = False
                     return
                 for key in batch:
                     try:
