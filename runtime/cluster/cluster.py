@@ -98,6 +98,7 @@ class Cluster:
         TABLES[self._table_key] = self.table
         self._closed = False
         self._actor_names: dict[str, str] = {}  # replica id -> its actor's name
+        self._owns_ray = not ray.is_initialized()  # then shutdown() stops Serve and Ray too
         start_ray(address, num_cpus=num_cpus)
         serve.start(proxy_location="Disabled")
         deployment = serve.deployment(SessionReplica, name=DEPLOYMENT).options(
@@ -183,14 +184,19 @@ class Cluster:
     # -- lifetime -------------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Delete the application (replicas close their stores); Ray stays up. Idempotent."""
+        """Delete the application (replicas close their stores); Serve and Ray stop too when this
+        cluster started Ray, else they stay up. Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
-            serve.delete(self.app_name)
+            if ray.is_initialized():
+                serve.delete(self.app_name)
         finally:
             TABLES.pop(self._table_key, None)
+            if self._owns_ray and ray.is_initialized():
+                serve.shutdown()
+                ray.shutdown()
 
     def __enter__(self) -> Cluster:
         return self
