@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tiered.content import chain_hashes, chain_root, content_key
 
 from .. import saved as saved_sessions
 from ..worker import SessionWorker
+from .metrics import ReplicaMetrics
 
 
 class SessionMissing(KeyError):
@@ -39,13 +41,16 @@ class SessionReplica:
             own = Path(store_config.disk_dir) / f"replica-{self.replica_id.rsplit('#', 1)[-1]}"
             store_config = dataclasses.replace(store_config, disk_dir=own)
         self.worker = SessionWorker(model, store_config, dtype=dtype, device=device)
+        self.metrics = ReplicaMetrics(self.replica_id)
         self._lock = threading.Lock()
 
     def adopt(self, session_id: str, options: dict, tokens: list[int], block_hashes: list[str] = ()) -> dict:
         """Host `session_id` from its token log (a new session has none): blocks the store holds
         are reused, the rest computed. Replaces a copy this replica already had."""
+        start_s = time.perf_counter()
         with self._lock:
             self.worker.close(session_id)
+            self.metrics.forget(session_id)
             self._discover(tokens, options.get("cache_salt", ""))
             self.worker.open(session_id, **options)
             try:
@@ -54,20 +59,27 @@ class SessionReplica:
             except BaseException:
                 self.worker.close(session_id)
                 raise
+            self._record(session_id, "adopt", start_s)
             return self._identity()
 
     def extend(self, session_id: str, token_ids: list[int], block_hashes: list[str] = ()) -> int:
+        start_s = time.perf_counter()
         with self._lock:
-            return self.worker.extend(self._check(session_id), token_ids)
+            held = self.worker.extend(self._check(session_id), token_ids)
+            self._record(session_id, "extend", start_s)
+            return held
 
     def stream(self, session_id: str, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Iterator[int]:
+        start_s = time.perf_counter()
         with self._lock:
             tokens = self.worker.stream(self._check(session_id), max_new_tokens, temperature, seed)
         while True:
             with self._lock:
                 token = next(tokens, None)
-            if token is None:
-                return
+                if token is None:
+                    if session_id in self.worker.sessions:
+                        self._record(session_id, "stream", start_s)
+                    return
             yield token
 
     def stats(self, session_id: str) -> dict:
@@ -92,6 +104,8 @@ class SessionReplica:
     def close(self, session_id: str) -> None:
         with self._lock:
             self.worker.close(session_id)
+            self.metrics.forget(session_id)
+            self.metrics.observe("close", 0.0, len(self.worker.sessions))
 
     def describe(self, replica: str | None = None) -> dict:
         """The replica's identity, its sessions, its store's statistics and the model's shape."""
@@ -103,6 +117,10 @@ class SessionReplica:
         worker = getattr(self, "worker", None)
         if worker is not None:
             worker.shutdown()
+
+    def _record(self, session_id: str, method: str, start_s: float) -> None:
+        stats = self.worker.stats(session_id)
+        self.metrics.record(session_id, stats, method, time.perf_counter() - start_s, len(self.worker.sessions))
 
     def _discover(self, tokens: list[int], salt: str) -> int:
         """Make the store track the blocks of `tokens` that other replicas left in the shared tier."""

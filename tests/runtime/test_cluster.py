@@ -7,6 +7,9 @@ B; a replica killed mid-conversation is replaced and the conversation goes on un
 
 from __future__ import annotations
 
+import time
+import urllib.request
+
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -38,7 +41,7 @@ def tiny_model(tiny_dir):
 
 @pytest.fixture(scope="module")
 def cluster(tiny_dir, tmp_path_factory):
-    start_ray("local", num_cpus=4)
+    start_ray("local", num_cpus=4, _system_config={"metrics_report_interval_ms": 1000})
     try:
         with Cluster(model=str(tiny_dir), workers=2, store_config=CONFIG, shared_dir=tmp_path_factory.mktemp("shared"),
                      call_timeout_s=120, failover_timeout_s=120) as running:
@@ -160,3 +163,38 @@ def test_bad_arguments(tiny_dir):
         Cluster(model=str(tiny_dir), routing="nearest")
     with pytest.raises(TypeError, match="shared_dir"):
         Cluster(model=str(tiny_dir), shared_dir=5)
+
+
+def scrape(deadline_s: float, wanted: tuple[str, ...]) -> dict[str, float]:
+    """Sum of the values of each wanted metric at the Prometheus endpoints of Ray's nodes, polled
+    until all are there or the deadline passes (metrics reach the endpoint periodically)."""
+    found: dict[str, float] = {}
+    while time.monotonic() < deadline_s:
+        found = {}
+        for node in ray.nodes():
+            if not node["Alive"]:
+                continue
+            url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            body = urllib.request.urlopen(url, timeout=10).read().decode()
+            for line in body.splitlines():
+                name = line.split("{", 1)[0]
+                if name in wanted:
+                    found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        if all(found.get(name, 0) > 0 for name in wanted):
+            return found
+        time.sleep(1.0)  # polling a periodic export, not synchronizing with it
+    return found
+
+
+def test_metrics_reach_the_prometheus_endpoint(cluster):
+    session = cluster.open()
+    session.extend(prompt(40, 3 * BLOCK_TOKENS + 4))
+    session.generate(NEW_TOKENS)
+    decoded = len(session.tokens) - (3 * BLOCK_TOKENS + 4)
+    wanted = ("ray_tiered_prefilled_tokens_total", "ray_tiered_decoded_tokens_total", "ray_tiered_tier_hits_total",
+              "ray_tiered_tier_bytes_in_total", "ray_tiered_request_latency_s_count")
+    found = scrape(time.monotonic() + 90, wanted)
+    session.close()
+    assert all(found.get(name, 0) > 0 for name in wanted), found
+    assert found["ray_tiered_prefilled_tokens_total"] >= 3 * BLOCK_TOKENS + 4  # this session's prompt at least
+    assert found["ray_tiered_decoded_tokens_total"] >= decoded
