@@ -203,6 +203,11 @@ class KVManager:
                     return 0
         self.sealed_blocks += taken
         self.counters.adopted_blocks += taken
+        # adopted blocks may lie on host or disk: bring them up in the background, layer by layer
+        # (the order attention reads them), so that decoding reads them from the device
+        adopted = [key for keys in self.block_keys for key in keys[first : first + taken]]
+        self.store.prefetch(adopted)
+        self.counters.prefetched_blocks += len(adopted)
         return taken
 
     def truncate(self, tokens: int) -> None:
