@@ -113,6 +113,9 @@ class Cluster:
             ),
         )
         try:
+            if gpus and workers > int(ray.cluster_resources().get("GPU", 0)):
+                raise ValueError(f"workers={workers} but the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} "
+                                 "GPUs: one replica per GPU")
             self._handle = serve.run(deployment.bind(str(model), store_config, dtype, device), name=self.app_name,
                                      route_prefix=None)
             info = self._any_replica()["model"]
