@@ -17,6 +17,7 @@ cold prefill), with the range.
 
     python benchmarks/bench_resume.py                       # int8, int4, raw disk codecs; 4K tokens
     python benchmarks/bench_resume.py --tokens 1024 --codecs int8 --repeats 2
+    python benchmarks/bench_resume.py --codecs ""          # the prefix figures alone
 """
 
 from __future__ import annotations
@@ -52,8 +53,7 @@ def conversation(model, tokens: int) -> list[int]:
 def first_token_s(session: Session, ids: list[int] | None) -> tuple[float, int]:
     start = time.perf_counter()
     if ids is not None:
-        for i in range(0, len(ids), 512):
-            session.extend(ids[i : i + 512])
+        session.extend(ids)  # the session computes long prompts in chunks of chunk_tokens itself
     token = session.generate(1, stop=[])[0]
     return time.perf_counter() - start, token
 
@@ -123,7 +123,7 @@ def main() -> None:
     print(f"SmolLM2-135M, {len(ids)}-token conversation; {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory(prefix="bench-resume-") as scratch:
-        for n, codec in enumerate(args.codecs.split(",")):
+        for n, codec in enumerate(codec for codec in args.codecs.split(",") if codec):
             disk_dir = Path(scratch) / codec
             config = StoreConfig(device="cpu", disk_dir=str(disk_dir), disk_codec=codec)
             with Session(model, config, session_id="bench") as session:

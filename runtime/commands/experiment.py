@@ -19,6 +19,7 @@ from policies.trace.replay import ReplayConfig, replay, summarize
 
 from ..experiment_report import plot_prefetch, plot_recall, write_csv
 from ..traces import load_trace, save_trace
+from .options import names
 
 
 def register(add_parser, name: str) -> None:
@@ -37,12 +38,12 @@ def register(add_parser, name: str) -> None:
     )
     parser.add_argument(
         "--importance",
-        type=_names(IMPORTANCE),
+        type=names(IMPORTANCE),
         default=tuple(IMPORTANCE),
         help=f"comma-separated, of {sorted(IMPORTANCE)}",
     )
     parser.add_argument(
-        "--prefetch", type=_names(PREFETCH), default=tuple(PREFETCH), help=f"comma-separated, of {sorted(PREFETCH)}"
+        "--prefetch", type=names(PREFETCH), default=tuple(PREFETCH), help=f"comma-separated, of {sorted(PREFETCH)}"
     )
     parser.add_argument("--sink-blocks", type=int, default=1)
     parser.add_argument("--window-blocks", type=int, default=2)
@@ -153,14 +154,3 @@ def _fractions(text: str) -> tuple[float, ...]:
     if not all(0 < v <= 1 for v in values):
         raise argparse.ArgumentTypeError(f"budgets must be fractions in (0, 1], got {text!r}")
     return values
-
-
-def _names(registry: dict):
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(part.strip() for part in text.split(",") if part.strip())
-        unknown = [n for n in names if n not in registry]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown names {unknown or [text]}; valid names: {sorted(registry)}")
-        return names
-
-    return parse

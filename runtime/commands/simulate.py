@@ -22,6 +22,7 @@ from ..simulate.config import sweep
 from ..simulate.plots import plot_hit_ratio, plot_ttft, plot_write
 from ..simulate.results import print_summary, write_csv
 from ..simulate.synthetic import SyntheticTrace, synthetic_trace
+from .options import names
 
 
 def register(add_parser, name: str) -> None:
@@ -39,12 +40,12 @@ def register(add_parser, name: str) -> None:
     cluster.add_argument("--device-blocks", type=_ints(0), default=(4096,), help="device tier per worker, in blocks")
     cluster.add_argument("--host-blocks", type=_ints(0), default=(0,), help="host tier per worker, in blocks (0: none)")
     cluster.add_argument("--disk-blocks", type=_ints(0), default=(0,), help="shared tier, in blocks (0: none)")
-    cluster.add_argument("--eviction", type=_names(EVICTION), default=("lru",), help=f"of {sorted(EVICTION)}")
-    cluster.add_argument("--host-eviction", type=_names(EVICTION), default=(None,), help="host tier's, else --eviction")
-    cluster.add_argument("--disk-eviction", type=_names(EVICTION), default=(None,), help="shared tier's, else --eviction")
-    cluster.add_argument("--write", type=_names(WRITE), default=("write-back",), help=f"of {sorted(WRITE)}")
+    cluster.add_argument("--eviction", type=names(EVICTION), default=("lru",), help=f"of {sorted(EVICTION)}")
+    cluster.add_argument("--host-eviction", type=names(EVICTION), default=(None,), help="host tier's, else --eviction")
+    cluster.add_argument("--disk-eviction", type=names(EVICTION), default=(None,), help="shared tier's, else --eviction")
+    cluster.add_argument("--write", type=names(WRITE), default=("write-back",), help=f"of {sorted(WRITE)}")
     cluster.add_argument("--hit-threshold", type=_ints(1), default=(2,), help="reads before a selective write")
-    cluster.add_argument("--routing", type=_names(ROUTING), default=("prefix-affinity",), help=f"of {sorted(ROUTING)}")
+    cluster.add_argument("--routing", type=names(ROUTING), default=("prefix-affinity",), help=f"of {sorted(ROUTING)}")
     cluster.add_argument("--profile", type=_profiles, default=("h200-nvlink-c2c",), help="profile names or YAML paths")
     synthetic = parser.add_argument_group("synthetic trace")
     synthetic.add_argument("--conversations", type=_positive, default=SyntheticTrace.conversations)
@@ -150,22 +151,11 @@ def _ints(minimum: int):
     return parse
 
 
-def _names(registry: dict):
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(part.strip() for part in text.split(",") if part.strip())
-        unknown = [n for n in names if n not in registry]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown names {unknown or [text]}; valid names: {sorted(registry)}")
-        return names
-
-    return parse
-
-
 def _profiles(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    for name in names or (text,):
+    found = tuple(part.strip() for part in text.split(",") if part.strip())
+    for name in found or (text,):
         try:
             load_profile(name)
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
-    return names
+    return found
