@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
+import ray  # noqa: E402  (the serve extra is a dependency: a missing one fails, never skips)
+from ray import serve  # noqa: E402
 
 from runtime import Cluster, Session, load_model  # noqa: E402
 from runtime.actors import start_ray  # noqa: E402

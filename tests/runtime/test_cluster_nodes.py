@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
+import ray  # noqa: E402  (the serve extra is a dependency: a missing one fails, never skips)
+from ray import serve  # noqa: E402
 
 from ray.cluster_utils import Cluster as RayNodes  # noqa: E402
 
