@@ -278,7 +278,9 @@ class SegmentLog:
     def _make_room(self, length: int) -> list[BlockKey]:
         dropped: list[BlockKey] = []
         while self._used_bytes + self._cost(length) > self.capacity_bytes:
-            candidate = self._sparse_segment(self.capacity_bytes - self._used_bytes - self._cost(length))
+            # the live records of a compacted segment are copied before it goes: they must fit in
+            # what is free now (the record to be written waits until the segment is gone)
+            candidate = self._sparse_segment(self.capacity_bytes - self._used_bytes)
             if candidate is not None and self.compact_segment(candidate):
                 continue
             dropped.extend(self._evict(self._segments[min(self._segments)]))
