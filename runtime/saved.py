@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,10 +95,6 @@ def delete(disk_dir: str | Path, session_id: str) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def now_s() -> float:
-    return time.time()
 
 
 def _parse(path: Path, data: bytes) -> SavedSession:

@@ -193,7 +193,7 @@ class Session:
         self.store.flush()
         record = saved_sessions.SavedSession(
             session_id=self.session_id, fingerprint=self.model.fingerprint, block_tokens=self.store.config.block_tokens,
-            tokens=list(self.tokens), options=dict(self.options), saved_at_s=saved_sessions.now_s(),
+            tokens=list(self.tokens), options=dict(self.options), saved_at_s=time.time(),
         )
         return saved_sessions.write(disk_dir, record)
 
@@ -255,11 +255,12 @@ class Session:
         recompute lost blocks. Returns the logits of positions rows_from.. ([m, vocab])."""
         kv, block = self.kv, self.store.config.block_tokens
         before = kv.tokens
+        digests = self._digests_of(log)  # content hashes of log's full blocks, once per call
         chunks: list[tuple[int, Tensor]] = []  # (first position, logits) of every computed chunk
         losses = 0
         try:
             while kv.tokens < len(log):
-                self._adopt(log)
+                self._adopt(log, digests)
                 start = kv.tokens
                 end = min(len(log), start + self.options["chunk_tokens"])
                 try:
@@ -275,7 +276,7 @@ class Session:
                     chunks = [(first, rows[: kv.tokens - first]) for first, rows in chunks if first < kv.tokens]
                     continue
                 chunks.append((start, logits))
-                self._seal(log)
+                self._seal(digests)
         except BaseException:
             kv.truncate(min(before, kv.tokens))
             raise
@@ -283,7 +284,7 @@ class Session:
         rows = [logits[max(0, rows_from - first):] for first, logits in chunks if first + logits.shape[0] > rows_from]
         return torch.cat(rows) if rows else torch.empty(0, self.model.config.vocab_size)
 
-    def _adopt(self, log: list[int]) -> None:
+    def _adopt(self, log: list[int], digests: list[bytes]) -> None:
         """Take cached blocks from the store for log's next whole blocks. The last token is always
         computed (its logits are needed): a block that ends the log is cut back by that token."""
         kv, block = self.kv, self.store.config.block_tokens
@@ -292,7 +293,7 @@ class Session:
         first, last = kv.tokens // block, len(log) // block
         if first >= last:
             return
-        taken = kv.adopt(self._digests_of(log)[first:last])
+        taken = kv.adopt(digests[first:last])
         self._counts["reused_tokens"] += taken * block
         if kv.tokens == len(log):
             kv.truncate(len(log) - 1)
@@ -311,11 +312,10 @@ class Session:
         self._counts["computed_tokens"] += len(ids) - again
         return logits
 
-    def _seal(self, log: list[int]) -> None:
-        kv, block = self.kv, self.store.config.block_tokens
-        full = kv.tokens // block
-        if full > kv.sealed_blocks:
-            kv.seal(self._digests_of(log)[kv.sealed_blocks : full])
+    def _seal(self, digests: list[bytes]) -> None:
+        full = self.kv.tokens // self.store.config.block_tokens
+        if full > self.kv.sealed_blocks:
+            self.kv.seal(digests[self.kv.sealed_blocks : full])
 
     def _digests_of(self, log: list[int]) -> list[bytes]:
         """Content hashes of log's full blocks (the known ones are kept: logs only grow at the end)."""

@@ -98,7 +98,7 @@ class SessionReplica:
             record = saved_sessions.SavedSession(
                 session_id=session_id, fingerprint=self.worker.model.fingerprint,
                 block_tokens=self.worker.store.config.block_tokens, tokens=list(session.tokens),
-                options=dict(session.options), saved_at_s=saved_sessions.now_s())
+                options=dict(session.options), saved_at_s=time.time())
             return str(saved_sessions.write(shared_dir, record))
 
     def close(self, session_id: str) -> None:
