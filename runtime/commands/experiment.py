@@ -19,6 +19,7 @@ from policies.trace.replay import ReplayConfig, replay, summarize
 
 from ..experiment_report import plot_prefetch, plot_recall, write_csv
 from ..traces import load_trace, save_trace
+from .checks import creatable_dir, model, non_negative_int, positive_int, readable_file
 from .options import names
 
 
@@ -31,7 +32,7 @@ def register(add_parser, name: str) -> None:
         "--capture", action="store_true", help="record a trace from the model on the document, save it, and replay it"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("out/experiment"), help="directory for results.csv and the plots"
+        "--out", type=creatable_dir, default=Path("out/experiment"), help="directory for results.csv and the plots"
     )
     parser.add_argument(
         "--budgets", type=_fractions, default=(0.125, 0.25, 0.5), help="comma-separated fractions of the context"
@@ -45,8 +46,8 @@ def register(add_parser, name: str) -> None:
     parser.add_argument(
         "--prefetch", type=names(PREFETCH), default=tuple(PREFETCH), help=f"comma-separated, of {sorted(PREFETCH)}"
     )
-    parser.add_argument("--sink-blocks", type=int, default=1)
-    parser.add_argument("--window-blocks", type=int, default=2)
+    parser.add_argument("--sink-blocks", type=non_negative_int, default=1)
+    parser.add_argument("--window-blocks", type=non_negative_int, default=2)
     parser.add_argument(
         "--feedback",
         choices=("kept", "all"),
@@ -54,14 +55,14 @@ def register(add_parser, name: str) -> None:
         help="what attention the estimators learn from: the kept blocks (sparse mode) or all (exact mode)",
     )
     synthetic = parser.add_argument_group("synthetic trace")
-    synthetic.add_argument("--seed", type=int, default=0)
-    synthetic.add_argument("--layers", type=int, default=SyntheticConfig.layers)
-    synthetic.add_argument("--prompt-tokens", type=int, default=SyntheticConfig.prompt_tokens)
-    synthetic.add_argument("--steps", type=int, default=SyntheticConfig.steps, help="decode steps")
-    synthetic.add_argument("--block-tokens", type=int, default=SyntheticConfig.block_tokens)
+    synthetic.add_argument("--seed", type=non_negative_int, default=0)
+    synthetic.add_argument("--layers", type=positive_int, default=SyntheticConfig.layers)
+    synthetic.add_argument("--prompt-tokens", type=positive_int, default=SyntheticConfig.prompt_tokens)
+    synthetic.add_argument("--steps", type=positive_int, default=SyntheticConfig.steps, help="decode steps")
+    synthetic.add_argument("--block-tokens", type=positive_int, default=SyntheticConfig.block_tokens)
     capture = parser.add_argument_group("captured trace (also --steps, --prompt-tokens and --block-tokens)")
-    capture.add_argument("--model", default="smollm2-135m", help="registered name, .gguf file or HF directory")
-    capture.add_argument("--document", type=Path, default=None, help="text file (default: the shipped Shakespeare)")
+    capture.add_argument("--model", type=model, default="smollm2-135m", help="registered name, .gguf file or HF directory")
+    capture.add_argument("--document", type=readable_file, default=None, help="text file (default: the shipped Shakespeare)")
     parser.set_defaults(func=main)
 
 

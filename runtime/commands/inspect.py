@@ -1,12 +1,14 @@
 """`tiered inspect DIR [--verify]`: list a disk tier directory; with --verify, check every checksum.
 
 The listing and verifying is tiered.disk.inspect_dir; this only formats it. Read-only: it may
-run while a store has the directory open. Exit code 0, or 1 when --verify found damage.
+run while a store has the directory open. Exit code 0, 1 when --verify found damage, 2 when DIR
+is not a disk tier directory (checked here, not by argparse, so that main returns the code).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tiered.disk import inspect_dir
@@ -27,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         report = inspect_dir(args.directory, verify=args.verify)
     except ValueError as err:
-        print(f"tiered inspect: {err}")
+        print(f"tiered inspect: error: argument DIR: {err}", file=sys.stderr)
         return 2
     ident = report.identity
     print(f"{report.directory}: format ok; fingerprint {ident.fingerprint or '(none)'!r}, "

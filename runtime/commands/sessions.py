@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from rich.table import Table
 
 from .. import saved
+from .checks import existing_dir
 from .tables import print_table
 
 
 def register(add_parser, name: str) -> None:
     parser = add_parser(name, help="list the sessions saved in a disk tier directory")
-    parser.add_argument("directory", type=Path, metavar="DIR", help="the disk tier directory (StoreConfig.disk_dir)")
+    parser.add_argument("directory", type=existing_dir, metavar="DIR", help="the disk tier directory (StoreConfig.disk_dir)")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    if not args.directory.is_dir():
-        print(f"tiered sessions: {args.directory} is not a directory")
-        return 2
     records = saved.listing(args.directory)
     if not records:
         print(f"no saved sessions in {args.directory}")

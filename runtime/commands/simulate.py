@@ -22,19 +22,19 @@ from ..simulate.config import sweep
 from ..simulate.plots import plot_hit_ratio, plot_ttft, plot_write
 from ..simulate.results import print_summary, write_csv
 from ..simulate.synthetic import SyntheticTrace, synthetic_trace
+from .checks import creatable_dir, non_negative_int, positive_int, readable_file
 from .options import names
 
 
 def register(add_parser, name: str) -> None:
     parser = add_parser(name, help="simulate a cluster's KV tiers on a request trace (CSV + PNG)")
-    parser.error = _one_line_error(f"tiered {name}")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--trace", type=Path, metavar="FILE", help="a Mooncake-format JSONL trace (.jsonl, .jsonl.gz)")
+    source.add_argument("--trace", type=readable_file, metavar="FILE", help="a Mooncake-format JSONL trace (.jsonl, .jsonl.gz)")
     source.add_argument("--synthetic", action="store_true", help="draw a multi-turn chat trace, save it, simulate it")
     source.add_argument("--calibrate", action="store_true", help="measure this machine and write a hardware profile")
-    parser.add_argument("--out", type=Path, default=Path("out/simulate"), help="directory for results.csv and plots")
-    parser.add_argument("--block-tokens", type=_positive, default=None, help="tokens per hash id (default: the trace's)")
-    parser.add_argument("--limit", type=_positive, default=None, help="simulate only the first N requests")
+    parser.add_argument("--out", type=creatable_dir, default=Path("out/simulate"), help="directory for results.csv and plots")
+    parser.add_argument("--block-tokens", type=positive_int, default=None, help="tokens per hash id (default: the trace's)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="simulate only the first N requests")
     cluster = parser.add_argument_group("cluster (comma-separated values sweep)")
     cluster.add_argument("--workers", type=_ints(1), default=(1,), help="replicas")
     cluster.add_argument("--device-blocks", type=_ints(0), default=(4096,), help="device tier per worker, in blocks")
@@ -48,8 +48,8 @@ def register(add_parser, name: str) -> None:
     cluster.add_argument("--routing", type=names(ROUTING), default=("prefix-affinity",), help=f"of {sorted(ROUTING)}")
     cluster.add_argument("--profile", type=_profiles, default=("h200-nvlink-c2c",), help="profile names or YAML paths")
     synthetic = parser.add_argument_group("synthetic trace")
-    synthetic.add_argument("--conversations", type=_positive, default=SyntheticTrace.conversations)
-    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--conversations", type=positive_int, default=SyntheticTrace.conversations)
+    synthetic.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--no-plots", action="store_true", help="write results.csv only")
     parser.set_defaults(func=main)
 
@@ -70,10 +70,10 @@ def main(args: argparse.Namespace) -> int:
         try:
             trace = read_trace(args.trace, args.block_tokens)
         except FileNotFoundError:
-            print(f"{prog}: error: --trace: no such file: {args.trace}", file=sys.stderr)
+            print(f"{prog}: error: argument --trace: no such file: {args.trace}", file=sys.stderr)
             return 2
         except ValueError as err:
-            print(f"{prog}: error: --trace: {err}", file=sys.stderr)
+            print(f"{prog}: error: argument --trace: {err}", file=sys.stderr)
             return 2
     else:
         print(f"{prog}: error: one of --trace, --synthetic or --calibrate is required", file=sys.stderr)
@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
     if args.limit is not None:
         trace = type(trace)(trace.requests[: args.limit], trace.block_tokens, trace.source)
     if not trace.requests:
-        print(f"{prog}: error: --trace: the trace has no requests", file=sys.stderr)
+        print(f"{prog}: error: argument --trace: the trace has no requests", file=sys.stderr)
         return 2
     profiles = {name: load_profile(name) for name in args.profile}
     configs = sweep(
@@ -118,24 +118,6 @@ def main(args: argparse.Namespace) -> int:
     for path in outputs:
         print(f"wrote {path}")
     return 0
-
-
-def _one_line_error(prog: str):
-    def error(message: str):
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    return error
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
 
 
 def _ints(minimum: int):
