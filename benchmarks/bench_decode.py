@@ -18,6 +18,10 @@ it, each token is decoded one at a time with sparse attention at a 25% budget, a
 
     python benchmarks/bench_decode.py                      # 1K, 4K, 8K
     python benchmarks/bench_decode.py --lengths 1024 --steps 8 --ppl-tokens 64
+    python benchmarks/bench_decode.py --lengths 4096 --runs 3 --setups device tiered25 --ppl-tokens 0
+
+With --runs N each set-up is timed N times (fresh session each time) and the median is printed with
+the range; --ppl-tokens 0 skips the perplexity part.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import statistics
 import time
 from importlib import resources
 
@@ -138,6 +143,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--ppl-context", type=int, default=2048)
     parser.add_argument("--ppl-tokens", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=1, help="timings per set-up; the median is printed")
+    parser.add_argument("--setups", nargs="+", default=["device", "tiered25", "sparse12"],
+                        choices=["device", "tiered25", "sparse12"])
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -162,13 +170,27 @@ def main() -> None:
                          dict(mode="sparse", budget_tokens=length // 8, importance="quest")),
         }
         print(f"{length:>7} {'hf':>9} {hf_rate:>7.2f} {1.0:>6.2f} {floor:>11.2f} {hf_rate / floor:>8.2f}")
-        for name, (config, options) in setups.items():
-            rate, tokens, stats = time_ours(model, cache, ids, last_logits, args.steps, config, **options)
-            same = sum(a == b for a, b in zip(tokens, hf_tokens))
-            print(f"{length:>7} {name:>9} {rate:>7.2f} {rate / hf_rate:>6.2f} {floor:>11.2f} {rate / floor:>8.2f}  "
-                  f"{same}/{args.steps}" + (f"  (host {codec}: {stats['store']['tiers']['host']['blocks']} blocks)"
-                                           if name == "tiered25" else ""))
+        rates: dict[str, list[float]] = {}
+        for run in range(args.runs):  # set-ups interleaved, so a change of load hits each alike
+            for name in args.setups:
+                config, options = setups[name]
+                rate, tokens, stats = time_ours(model, cache, ids, last_logits, args.steps, config, **options)
+                rates.setdefault(name, []).append(rate)
+                same = sum(a == b for a, b in zip(tokens, hf_tokens))
+                print(f"{length:>7} {name:>9} {rate:>7.2f} {rate / hf_rate:>6.2f} {floor:>11.2f} {rate / floor:>8.2f}  "
+                      f"{same}/{args.steps}" + (f"  (host {codec}: {stats['store']['tiers']['host']['blocks']} blocks)"
+                                               if name == "tiered25" else "") + (f"  run {run + 1}" if args.runs > 1 else ""))
+        if args.runs > 1:
+            for name, values in rates.items():
+                print(f"{length:>7} {name:>9} median {statistics.median(values):.2f} tok/s, "
+                      f"range {min(values):.2f}-{max(values):.2f} over {len(values)} runs")
+            if "device" in rates and "tiered25" in rates:
+                ratios = [t / d for t, d in zip(rates["tiered25"], rates["device"])]
+                print(f"{length:>7} tiered25/device median {statistics.median(ratios):.2f}x, "
+                      f"range {min(ratios):.2f}-{max(ratios):.2f}")
         del cache
+    if args.ppl_tokens <= 0:
+        return
     context = document_ids(model, args.ppl_context + args.ppl_tokens, offset_chars=400_000)
     exact = perplexity(model, context[: args.ppl_context], context[args.ppl_context :])
     print(f"perplexity over {args.ppl_tokens} held-out tokens after {args.ppl_context}: exact {exact:.3f}")

@@ -11,6 +11,7 @@
  * contiguous; heads and tokens have element strides. offs[6] are the payload's byte offsets of
  * key_min, key_scale, value_min, value_scale, key_codes, value_codes (-1: no mins, fp8).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -517,4 +518,162 @@ int64_t tiered_decode(int64_t begin, int64_t end, const int64_t *keys, const int
     }
     ctx_free(&c);
     return result;
+}
+
+/* ---- Attention over quantized blocks where they lie (int kinds): see attend_reference.py ------
+ *
+ * Keys per channel: a score is (q ⊙ scale[g]) · code[t] + q · min[g], with q ⊙ scale[g] and
+ * q · min[g] made once per key group. Values per token: each token's weight p[t] takes its scale
+ * (p[t] · scale[t, c] times the codes) and its min (Σ p[t] · min[t, c] per channel group c, added
+ * at the end). Softmax runs online over the blocks (running max and sum per query row), so nothing
+ * block-sized is made but the unpacked codes of one head of one block (bits < 8). Work is split
+ * over KV heads [h_begin, h_end). Rows are copied into vectors of LANES padded with zeros. */
+
+INLINE vf loadf(const float *p) {
+    vf x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+INLINE void storef(float *p, vf x) { memcpy(p, &x, sizeof x); }
+INLINE float hsum(vf x) {
+    float s = 0.0f;
+    for (int k = 0; k < LANES; k++) s += x[k];
+    return s;
+}
+INLINE float f16_scalar(uint16_t bits) { return f16_to_f32((vh){bits})[0]; }
+
+/* fp16 src[n] -> fp32 dst[padded], zeros past n. */
+static void f16_row(const uint16_t *src, int64_t n, float *dst, int64_t padded) {
+    for (int64_t i = 0; i < padded; i += LANES) {
+        vh h = {0};
+        if (i < n) memcpy(&h, src + i, (size_t)min64(LANES, n - i) * 2);
+        storef(dst + i, f16_to_f32(h));
+    }
+}
+
+/* codes src[n] -> fp32 dst[padded], zeros past n. */
+INLINE void codes_row(const uint8_t *src, int64_t n, float *dst, int64_t padded) {
+    for (int64_t i = 0; i < padded; i += LANES) {
+        vu c = i < n ? load_codes(src + i, min64(LANES, n - i)) : usplat(0);
+        storef(dst + i, __builtin_convertvector(c, vf));
+    }
+}
+
+/* The codes of elements [first, first + count) of a packed section, one per byte. */
+static const uint8_t *codes_of(const uint8_t *packed, int64_t first, int64_t count, int bits, uint8_t *scratch) {
+    if (bits == 8) return packed + first;
+    if ((first * bits) % 8 == 0) {
+        unpack(packed + first * bits / 8, count, bits, scratch);
+    } else {
+        for (int64_t j = 0; j < count; j++) {
+            int64_t e = first + j;
+            scratch[j] = (packed[e * bits / 8] >> (e * bits % 8)) & ((1u << bits) - 1u);
+        }
+    }
+    return scratch;
+}
+
+/* q: [H, R, D] fp32, scaled; qpos: [n] or NULL (every key visible); row r is query r % n.
+ * Blocks b: payload address, tokens, first position and 6 offsets (as for encode). out: [H, R, D]
+ * normalized over these blocks, lse: [H, R] (-inf, out 0 where a row sees no key). Returns 0 or -1
+ * (no memory). */
+int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int64_t *qpos, int64_t n, int64_t R,
+                      int64_t H, int64_t D, int64_t nblocks, const int64_t *payloads, const int64_t *tokens,
+                      const int64_t *starts, const int64_t *offs, int bits, int64_t G, float *out, float *lse) {
+    int64_t Dp = (D + LANES - 1) / LANES * LANES, ngv = (D + G - 1) / G, tmax = 1;
+    for (int64_t b = 0; b < nblocks; b++) tmax = tokens[b] > tmax ? tokens[b] : tmax;
+    size_t floats = (size_t)(3 * R * Dp + R * ngv + 3 * R + R * tmax + 4 * Dp + 2 * ngv);
+    float *mem = malloc(sizeof(float) * floats);
+    uint8_t *scratch = bits < 8 ? malloc((size_t)(tmax * D)) : NULL;
+    if (mem == NULL || (bits < 8 && scratch == NULL)) return free(mem), free(scratch), -1;
+    float *qh = mem, *qs = qh + R * Dp, *acc = qs + R * Dp, *zsum = acc + R * Dp, *qz = zsum + R * ngv;
+    float *m = qz + R, *l = m + R, *s = l + R, *cf = s + R * tmax, *kmin = cf + Dp, *kscale = kmin + Dp;
+    float *lane_scale = kscale + Dp, *vs = lane_scale + Dp, *vm = vs + ngv; /* vs, vm: one token's value params */
+    int whole = G % LANES == 0; /* every vector of a row lies in one value group */
+    for (int64_t h = h_begin; h < h_end; h++) {
+        memset(qh, 0, sizeof(float) * (size_t)(R * Dp));
+        for (int64_t r = 0; r < R; r++) memcpy(qh + r * Dp, q + (h * R + r) * D, sizeof(float) * (size_t)D);
+        memset(acc, 0, sizeof(float) * (size_t)(R * Dp)), memset(zsum, 0, sizeof(float) * (size_t)(R * ngv));
+        for (int64_t r = 0; r < R; r++) m[r] = -__builtin_inff(), l[r] = 0.0f;
+        for (int64_t b = 0; b < nblocks; b++) {
+            const uint8_t *p = (const uint8_t *)payloads[b];
+            const int64_t *o = offs + 6 * b;
+            int64_t T = tokens[b], ng = (T + G - 1) / G;
+            /* scores */
+            const uint8_t *kc = codes_of(p + o[4], h * T * D, T * D, bits, scratch);
+            for (int64_t g = 0; g < ng; g++) {
+                f16_row((const uint16_t *)(p + o[0]) + (h * ng + g) * D, D, kmin, Dp);
+                f16_row((const uint16_t *)(p + o[1]) + (h * ng + g) * D, D, kscale, Dp);
+                for (int64_t r = 0; r < R; r++) {
+                    vf z = splat(0.0f);
+                    for (int64_t i = 0; i < Dp; i += LANES) {
+                        vf x = loadf(qh + r * Dp + i);
+                        storef(qs + r * Dp + i, x * loadf(kscale + i));
+                        z += x * loadf(kmin + i);
+                    }
+                    qz[r] = hsum(z);
+                }
+                for (int64_t t = g * G, end = min64(T, t + G); t < end; t++) {
+                    codes_row(kc + t * D, D, cf, Dp);
+                    for (int64_t r = 0; r < R; r++) {
+                        vf dot = splat(0.0f);
+                        for (int64_t i = 0; i < Dp; i += LANES) dot += loadf(qs + r * Dp + i) * loadf(cf + i);
+                        s[r * tmax + t] = qz[r] + hsum(dot);
+                    }
+                }
+            }
+            /* mask, then online softmax: s becomes the weights p[t] */
+            for (int64_t r = 0; r < R; r++) {
+                float *sr = s + r * tmax, best = -__builtin_inff();
+                if (qpos != NULL)
+                    for (int64_t t = 0; t < T; t++)
+                        if (starts[b] + t > qpos[r % n]) sr[t] = -__builtin_inff();
+                for (int64_t t = 0; t < T; t++) best = sr[t] > best ? sr[t] : best;
+                if (best == -__builtin_inff()) { /* this row sees nothing of the block */
+                    memset(sr, 0, sizeof(float) * (size_t)T);
+                    continue;
+                }
+                float top = best > m[r] ? best : m[r], alpha = expf(m[r] - top), sum = 0.0f;
+                if (alpha != 1.0f) {
+                    for (int64_t i = 0; i < Dp; i += LANES) storef(acc + r * Dp + i, loadf(acc + r * Dp + i) * alpha);
+                    for (int64_t c = 0; c < ngv; c++) zsum[r * ngv + c] *= alpha;
+                    l[r] *= alpha;
+                }
+                for (int64_t t = 0; t < T; t++) sr[t] = expf(sr[t] - top), sum += sr[t];
+                m[r] = top, l[r] += sum;
+            }
+            /* values */
+            const uint8_t *vc = codes_of(p + o[5], h * T * D, T * D, bits, scratch);
+            const uint16_t *vmin16 = (const uint16_t *)(p + o[2]), *vscale16 = (const uint16_t *)(p + o[3]);
+            for (int64_t t = 0; t < T; t++) {
+                codes_row(vc + t * D, D, cf, Dp);
+                int64_t at = (h * T + t) * ngv;
+                for (int64_t c = 0; c < ngv; c++) vs[c] = f16_scalar(vscale16[at + c]), vm[c] = f16_scalar(vmin16[at + c]);
+                if (!whole)
+                    for (int64_t d = 0; d < Dp; d++) lane_scale[d] = d < D ? vs[d / G] : 0.0f;
+                for (int64_t r = 0; r < R; r++) {
+                    float pt = s[r * tmax + t];
+                    if (pt == 0.0f) continue;
+                    float *ar = acc + r * Dp;
+                    for (int64_t i = 0; i < Dp; i += LANES) {
+                        vf w = whole ? splat(pt * vs[i / G]) : splat(pt) * loadf(lane_scale + i);
+                        storef(ar + i, loadf(ar + i) + w * loadf(cf + i));
+                    }
+                    for (int64_t c = 0; c < ngv; c++) zsum[r * ngv + c] += pt * vm[c];
+                }
+            }
+        }
+        for (int64_t r = 0; r < R; r++) {
+            float *dst = out + (h * R + r) * D;
+            if (l[r] == 0.0f) {
+                memset(dst, 0, sizeof(float) * (size_t)D);
+                lse[h * R + r] = -__builtin_inff();
+                continue;
+            }
+            for (int64_t d = 0; d < D; d++) dst[d] = (acc[r * Dp + d] + zsum[r * ngv + d / G]) / l[r];
+            lse[h * R + r] = m[r] + logf(l[r]);
+        }
+    }
+    free(mem), free(scratch);
+    return 0;
 }

@@ -89,6 +89,10 @@ def _build() -> ctypes.CDLL:
         function.argtypes = [i64, i64, address, address, address, address, i64, i64, i64, i32, i32, i32, i64,
                              ctypes.POINTER(i64)]
         function.restype = i64
+    # h_begin, h_end, q, qpos, n, R, H, D, blocks, payloads, tokens, starts, offsets, bits, group, out, lse
+    lib.tiered_attend.argtypes = [i64, i64, address, address, i64, i64, i64, i64, i64, address, address, address,
+                                  address, i32, i64, address, address]
+    lib.tiered_attend.restype = i64
     return lib
 
 
@@ -187,3 +191,58 @@ def decode(fmt: QuantFormat, payloads: list[torch.Tensor], keys: list[torch.Tens
         raise MemoryError("the CPU kernels could not allocate scratch memory")
     if result > 0:
         raise ValueError(f"payload {result - 1} of this batch: {reference.CORRUPT}")
+
+
+ATTEND_PARALLEL_MIN_CODES = 1 << 16  # fewer codes than this per call: one thread
+
+
+def attend(
+    fmt: QuantFormat,
+    q: torch.Tensor,
+    payloads: list[torch.Tensor],
+    tokens: list[int],
+    starts: list[int],
+    kv_heads: int,
+    q_positions: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """attend_reference.attend_quantized (same arguments, scale given) in one fused call for the
+    "int" kinds: (out [heads, n, head_dim] fp32, lse [heads, n] fp32). KV heads are split over
+    torch's thread count when there is enough to read."""
+    global _pool
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are not available: {build_error()}")
+    if fmt.kind != "int":
+        raise ValueError(f"the fused CPU attention reads int codes, not {fmt.kind}")
+    heads, n, dim = q.shape
+    rows = heads // kv_heads * n
+    # grouped: [kv_heads, rows, head_dim] fp32, scaled; row r of KV head h is query head h·group + r // n
+    grouped = (q.float().reshape(kv_heads, rows, dim) * scale).contiguous()
+    table = (ctypes.c_int64 * (9 * len(payloads)))()
+    for i, (payload, count) in enumerate(zip(payloads, tokens)):
+        layout = fmt.layout(kv_heads, count, dim)
+        if not payload.is_cpu or payload.dtype != torch.uint8 or payload.numel() != layout.nbytes or not payload.is_contiguous():
+            raise ValueError(f"payload {i} must be a contiguous CPU uint8 tensor of {layout.nbytes} bytes")
+        table[i], table[len(payloads) + i] = payload.data_ptr(), count
+    table[2 * len(payloads) : 3 * len(payloads)] = list(starts)
+    table[3 * len(payloads) :] = [o for count in tokens for o in fmt.layout(kv_heads, count, dim).offsets()]
+    base, nb = ctypes.addressof(table), len(payloads)
+    positions = None if q_positions is None else q_positions.to(torch.int64).contiguous()
+    out = torch.empty(kv_heads, rows, dim, dtype=torch.float32)  # [H, R, D]
+    lse = torch.empty(kv_heads, rows, dtype=torch.float32)  # [H, R]
+    args = (grouped.data_ptr(), 0 if positions is None else positions.data_ptr(), n, rows, kv_heads, dim, nb,
+            base, base + 8 * nb, base + 16 * nb, base + 24 * nb, fmt.bits, fmt.group, out.data_ptr(), lse.data_ptr())
+    workers = min(kv_heads, torch.get_num_threads())
+    if workers <= 1 or sum(tokens) * kv_heads * dim < ATTEND_PARALLEL_MIN_CODES:
+        results = [lib.tiered_attend(0, kv_heads, *args)]
+    else:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="tiered-codec")
+        bounds = [kv_heads * w // workers for w in range(workers + 1)]
+        futures = [_pool.submit(lib.tiered_attend, bounds[w], bounds[w + 1], *args) for w in range(workers)]
+        results = [f.result() for f in futures]
+    if any(r < 0 for r in results):
+        raise MemoryError("the CPU kernels could not allocate scratch memory")
+    return out.view(heads, n, dim), lse.view(heads, n)

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from ..block import KVBlock
-from . import cpu_kernels, reference, triton_kernels
+from . import attend_reference, cpu_kernels, reference, triton_kernels
 from .base import Codec, Encoded, check_outputs
 from .layout import QuantFormat
 
@@ -143,6 +143,38 @@ class QuantizedCodec(Codec):
     def _decode_batch(self, payloads: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Decode payloads into blocks of one shape and dtype, all on one device."""
         self._kernels(keys[0]).decode(self.fmt, payloads, keys, values)
+
+    # -- attention where the codes lie ------------------------------------------------------------
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        encoded: Sequence[Encoded],
+        starts: Sequence[int],
+        q_positions: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of q ([heads, n, head_dim]) over these blocks, read from their codes without
+        dequantizing them (attend_reference.py defines it); block i's first token sits at position
+        starts[i]. Returns (out [heads, n, head_dim] fp32, lse [heads, n] fp32), a partial result
+        for attend_reference.merge_partials. Payloads elsewhere than q are copied to q's device
+        (the compact bytes cross the bus). Fused kernels: C on the CPU and Triton on CUDA for the
+        "int" kinds; the reference otherwise."""
+        if not encoded:
+            raise ValueError("attend needs at least one block")
+        for item in encoded:
+            Codec.check(self, item)
+        kv_heads, _, dim = encoded[0].shape
+        if q.dim() != 3 or q.shape[-1] != dim or q.shape[0] % kv_heads:
+            raise ValueError(f"q must be [heads, n, {dim}] with heads a multiple of {kv_heads}, got {tuple(q.shape)}")
+        scale = dim**-0.5 if scale is None else scale
+        payloads = [item.to(q.device).wait().payload for item in encoded]
+        tokens, starts = [item.shape[1] for item in encoded], list(starts)
+        if self.fmt.kind == "int" and q.device.type == "cuda" and triton_kernels.attend_supports(self.fmt, dim):
+            return triton_kernels.attend(self.fmt, q, payloads, tokens, starts, kv_heads, q_positions, scale)
+        if self.fmt.kind == "int" and q.device.type == "cpu" and cpu_kernels.available():
+            return cpu_kernels.attend(self.fmt, q, payloads, tokens, starts, kv_heads, q_positions, scale)
+        return attend_reference.attend_quantized(self.fmt, q, payloads, tokens, starts, kv_heads, q_positions, scale)
 
     def _kernels(self, like: torch.Tensor):
         """The kernels for blocks like `like`: Triton on CUDA, C on the CPU, else the reference."""

@@ -296,3 +296,104 @@ def decode(fmt: QuantFormat, payloads: list[torch.Tensor], keys: list[torch.Tens
             OUT=TL_DTYPES[keys[0].dtype], KIND=KIND_IDS[fmt.kind], BITS=fmt.bits, G=fmt.group,
             KEYS=is_keys, BLOCK_R=block_r, BLOCK_C=block_c,
         )
+
+
+# -- attention over quantized blocks (attend_reference.py) ---------------------------------------
+
+
+def attend_supports(fmt: QuantFormat, head_dim: int) -> bool:
+    """True if `attend` reads blocks of this head_dim in `fmt` ("int" kinds; codes of a row fill
+    whole bytes)."""
+    return triton is not None and fmt.kind == "int" and head_dim % (8 // fmt.bits) == 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_kernel(
+        q, qpos, table, out, lse, H, R, n, D,
+        BITS: tl.constexpr, G: tl.constexpr, HAS_POS: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One KV head (program 0) of one block (program 1): the partial output and log-sum-exp of
+        its R query rows. Scores are (q ⊙ scale) · codes + q · min per key group; the weighted sum
+        takes each token's value scale and min into its weight. q: [H, R, D] fp32, scaled; table:
+        [blocks, 9] (payload address, tokens, first position, 6 section offsets); out: [blocks, H,
+        R, D], lse: [blocks, H, R]."""
+        h = tl.program_id(0)
+        b = tl.program_id(1)
+        row = table + 9 * b
+        payload = tl.load(row).to(tl.pointer_type(tl.uint8))
+        T = tl.load(row + 1)
+        start = tl.load(row + 2)
+        r = tl.arange(0, BLOCK_R)
+        t = tl.arange(0, BLOCK_T)
+        d = tl.arange(0, BLOCK_D)
+        rmask, tmask, dmask = r < R, t < T, d < D
+        qtile = tl.load(q + (h * R + r)[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        mask2 = tmask[:, None] & dmask[None, :]  # [BLOCK_T, BLOCK_D]
+        first = (h * T + t) * D  # code index of each token's first channel
+        # keys: params [H, ⌈T/G⌉, D] at the token's group
+        kp = (h * tl.cdiv(T, G) + t // G)[:, None] * D + d[None, :]
+        kmin = tl.load((payload + tl.load(row + 3)).to(tl.pointer_type(tl.float16)) + kp, mask=mask2, other=0.0)
+        kscale = tl.load((payload + tl.load(row + 4)).to(tl.pointer_type(tl.float16)) + kp, mask=mask2, other=0.0)
+        kcodes = _load_codes(payload + tl.load(row + 7), first, mask2, BLOCK_T, BLOCK_D, BITS).to(tl.float32)
+        scores = tl.dot(qtile, tl.trans(kscale.to(tl.float32) * kcodes), input_precision="ieee")
+        scores += tl.dot(qtile, tl.trans(kmin.to(tl.float32)), input_precision="ieee")  # [BLOCK_R, BLOCK_T]
+        seen = rmask[:, None] & tmask[None, :]
+        if HAS_POS:
+            positions = tl.load(qpos + r % n, mask=rmask, other=0)
+            seen = seen & ((start + t)[None, :] <= positions[:, None])
+        scores = tl.where(seen, scores, -float("inf"))
+        top = tl.max(scores, axis=1)
+        top = tl.where(top == -float("inf"), 0.0, top)
+        p = tl.exp(scores - top[:, None])  # 0 where unseen
+        total = tl.sum(p, axis=1)
+        # values: params [H, T, ⌈D/G⌉] at the channel's group
+        vp = (h * T + t)[:, None] * tl.cdiv(D, G) + (d // G)[None, :]
+        vmin = tl.load((payload + tl.load(row + 5)).to(tl.pointer_type(tl.float16)) + vp, mask=mask2, other=0.0)
+        vscale = tl.load((payload + tl.load(row + 6)).to(tl.pointer_type(tl.float16)) + vp, mask=mask2, other=0.0)
+        vcodes = _load_codes(payload + tl.load(row + 8), first, mask2, BLOCK_T, BLOCK_D, BITS).to(tl.float32)
+        acc = tl.dot(p, vscale.to(tl.float32) * vcodes, input_precision="ieee")
+        acc += tl.dot(p, vmin.to(tl.float32), input_precision="ieee")  # [BLOCK_R, BLOCK_D]
+        has = total > 0.0
+        result = tl.where(has[:, None], acc / tl.where(has, total, 1.0)[:, None], 0.0)
+        tl.store(out + ((b * H + h) * R + r)[:, None] * D + d[None, :], result, mask=rmask[:, None] & dmask[None, :])
+        tl.store(lse + (b * H + h) * R + r, tl.where(has, top + tl.log(tl.where(has, total, 1.0)), -float("inf")),
+                 mask=rmask)
+
+
+def attend(
+    fmt: QuantFormat,
+    q: torch.Tensor,
+    payloads: list[torch.Tensor],
+    tokens: list[int],
+    starts: list[int],
+    kv_heads: int,
+    q_positions: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """attend_reference.attend_quantized (scale given) on the payloads' device: one program per KV
+    head and block, then the per-block partials merged by log-sum-exp. (out [heads, n, head_dim]
+    fp32, lse [heads, n] fp32)."""
+    heads, n, dim = q.shape
+    rows, device = heads // kv_heads * n, q.device
+    grouped = (q.float().reshape(kv_heads, rows, dim) * scale).contiguous()  # [H, R, D]
+    table = torch.tensor(
+        [[p.data_ptr(), count, first, *fmt.layout(kv_heads, count, dim).offsets()]
+         for p, count, first in zip(payloads, tokens, starts)],
+        dtype=torch.int64,
+    ).to(device)  # [blocks, 9]
+    blocks = len(payloads)
+    out = torch.empty(blocks, kv_heads, rows, dim, dtype=torch.float32, device=device)
+    lse = torch.empty(blocks, kv_heads, rows, dtype=torch.float32, device=device)
+    positions = grouped if q_positions is None else q_positions.to(device=device, dtype=torch.int64).contiguous()
+    _attend_kernel[(kv_heads, blocks)](
+        grouped, positions, table, out, lse, kv_heads, rows, n, dim,
+        BITS=fmt.bits, G=fmt.group, HAS_POS=q_positions is not None,
+        BLOCK_R=max(16, _pow2(rows)), BLOCK_T=max(16, _pow2(max(tokens))), BLOCK_D=max(16, _pow2(dim)),
+    )
+    total = torch.logsumexp(lse, dim=0)  # [H, R]
+    weights = torch.exp(lse - torch.where(torch.isfinite(total), total, 0.0))  # [blocks, H, R]
+    merged = (weights[..., None] * out).sum(dim=0)  # [H, R, D]
+    return merged.view(heads, n, dim), total.view(heads, n)
