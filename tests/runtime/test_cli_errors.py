@@ -163,7 +163,7 @@ def test_good_input_still_runs(capsys, tmp_path):
 def test_the_installed_command_exits_2_with_one_line(tmp_path):
     for argv, option in [(["sessions", str(tmp_path / "missing")], "DIR"),
                          (["simulate", "--synthetic", "--workers", "0"], "--workers")]:
-        done = subprocess.run([str(TIERED), *argv], capture_output=True, text=True, timeout=300,
+        done = subprocess.run([str(TIERED), *argv], check=False, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "TIERED_DEBUG": ""})
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr
@@ -221,6 +221,6 @@ def test_run_refuses_bad_options_before_any_work(tiny_dir, capsys, overrides, op
 
 
 def test_run_refuses_bad_input_from_the_installed_command(tmp_path):
-    done = subprocess.run([str(TIERED), "run", "--no-ray", "--device-mib", "0"], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([str(TIERED), "run", "--no-ray", "--device-mib", "0"], check=False, capture_output=True,
+                          text=True, timeout=300)
     assert_one_line(done.returncode, done.stderr, "run", "--device-mib")
