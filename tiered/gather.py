@@ -1,12 +1,43 @@
 """Reading a sequence's blocks joined along tokens: views of the device pool when the blocks sit in
-consecutive slots, a gathered copy otherwise (blocks below the device decoded where they are)."""
+consecutive slots, a gathered copy otherwise (blocks below the device decoded where they are).
+
+`read_parts` reads the same blocks without joining them, for attention that reads quantized
+blocks where they lie: full-precision runs (views of the device pool where slots are consecutive)
+and, per lower tier with a quantizing codec, the stored payloads themselves.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .block import BlockKey
+from .codecs import Codec, Encoded, QuantizedCodec
 from .placement import DEVICE, Placement
+
+VIEW_RUNS = 4  # device blocks in more runs of consecutive slots than this are gathered into one copy
+
+
+@dataclass(frozen=True, slots=True)
+class DenseRun:
+    """Full-precision keys and values, [kv_heads, tokens, head_dim] each, on the store's device.
+    Token j sits at position start + j, or at positions[j] ([tokens] int64) when positions is set."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    start: int
+    positions: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedRun:
+    """Blocks of one lower tier as that tier stores them: `items[i]` (in `codec`) holds the tokens
+    from position starts[i] on. Valid while the store's lock is held."""
+
+    codec: Codec
+    items: list[Encoded]
+    starts: list[int]
 
 
 def read_joined(placement: Placement, keys: list[BlockKey], touch: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,3 +139,125 @@ def _gather(
             [out_values[:, i, : item.shape[1]] for i, item in zip(rows, items)],
         )
     return out_keys.view(heads, -1, dim)[:, :total], out_values.view(heads, -1, dim)[:, :total]
+
+
+def read_parts(
+    placement: Placement, keys: list[BlockKey], touch: bool, limit_tokens: int | None = None
+) -> list[DenseRun | EncodedRun]:
+    """The blocks `keys` (a sequence's, in order: block i holds the tokens from i · block_tokens)
+    as parts that attention can read one by one and merge: DenseRun for blocks on the device (one
+    view per run of consecutive slots, or one gathered copy when they are scattered) and for lower
+    tiers whose codec does not quantize (decoded); EncodedRun per lower tier with a quantizing
+    codec, its payloads untouched. Without any quantized block, one DenseRun joined as read_joined
+    joins it. Tokens from `limit_tokens` on are left out (a stored block cut
+    by the limit is decoded). Counts hits and touches as read_joined does; KeyError as it does.
+    """
+    if not keys:
+        raise ValueError("reading needs at least one key")
+    views = _device_run(placement, keys, touch)
+    if views is not None:
+        limit = views[0].shape[1] if limit_tokens is None else min(limit_tokens, views[0].shape[1])
+        return [DenseRun(views[0][:, :limit], views[1][:, :limit], 0)]
+    tiers, slots, tokens = [], [], []
+    for key in keys:
+        t = placement.where.get(key)
+        if t is None:
+            raise KeyError(f"{key} is not stored")
+        tiers.append(t)
+        tokens.append(placement.stats[t][key].tokens)
+        slots.append(placement.device_tier.slot_of(key)[0] if t == DEVICE else -1)
+    layout = placement.layout
+    if layout is None:  # a store reopened over its disk tier: the first promotion sets the layout
+        placement.promote(keys[0], tiers[0])
+        return read_parts(placement, keys, touch, limit_tokens)
+    full = layout.block_tokens
+    if any(n != full for n in tokens[:-1]):
+        raise ValueError("only the last block read may be partial")
+    for t in tiers:
+        placement.counters[t].hits += 1
+    if touch:
+        step = placement.tick()
+        for key, t in zip(keys, tiers):
+            placement.touch(key, t, step)
+    total = full * (len(keys) - 1) + tokens[-1]
+    limit = total if limit_tokens is None else min(limit_tokens, total)
+    if not any(isinstance(placement.codecs[t], QuantizedCodec) for t in tiers if t != DEVICE):
+        joined_keys, joined_values = _gather(placement, keys, tiers, slots, total)  # as read_joined does
+        return [DenseRun(joined_keys[:, :limit], joined_values[:, :limit], 0)]
+    kept = [min(n, limit - i * full) for i, n in enumerate(tokens)]  # tokens of each block read
+    rows = [i for i in range(len(keys)) if kept[i] > 0]
+    parts = _device_parts(placement, [i for i in rows if tiers[i] == DEVICE], slots, kept)
+    for t in sorted({tiers[i] for i in rows} - {DEVICE}):
+        here = [i for i in rows if tiers[i] == t]
+        items = [placement.tiers[t].get(keys[i]) for i in here]
+        for i, item in zip(here, items):
+            if item is None:  # damaged below: a miss, never wrong data
+                placement.forget([keys[i]], t)
+                raise KeyError(f"{keys[i]} could not be read back from the {placement.tiers[t].name} tier")
+        codec = placement.codecs[t]
+        whole = [j for j, i in enumerate(here) if kept[i] == items[j].shape[1]]
+        if isinstance(codec, QuantizedCodec) and whole:
+            parts.append(EncodedRun(codec, [items[j] for j in whole], [here[j] * full for j in whole]))
+            cut = [j for j in range(len(here)) if j not in set(whole)]
+        else:
+            cut = list(range(len(here)))
+        if cut:
+            parts.append(_decoded_part(placement, codec, [items[j] for j in cut], [here[j] for j in cut], kept))
+    return parts
+
+
+def _device_parts(placement: Placement, rows: list[int], slots: list[int], kept: list[int]) -> list[DenseRun]:
+    """Device blocks `rows` (indices into the sequence): a view of the pool per run of blocks in
+    consecutive slots, or one gathered copy when there are more than VIEW_RUNS runs."""
+    if not rows:
+        return []
+    layout, device = placement.layout, placement.device_tier
+    heads, dim, full = layout.kv_heads, layout.head_dim, layout.block_tokens
+    runs = [[rows[0]]]
+    for i in rows[1:]:
+        last = runs[-1][-1]
+        if i == last + 1 and slots[i] == slots[last] + 1 and kept[last] == full:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    if len(runs) <= VIEW_RUNS:
+        parts = []
+        for run in runs:
+            chosen = slice(slots[run[0]], slots[run[-1]] + 1)
+            total = full * (len(run) - 1) + kept[run[-1]]
+            # views: [kv_heads, blocks · block_tokens, head_dim], cut to the tokens read
+            parts.append(DenseRun(device.keys_pool[:, chosen].reshape(heads, -1, dim)[:, :total],
+                                  device.values_pool[:, chosen].reshape(heads, -1, dim)[:, :total], run[0] * full))
+        return parts
+    chosen = torch.tensor([slots[i] for i in rows], device=placement.device)
+    gathered_keys = device.keys_pool.index_select(1, chosen).view(heads, -1, dim)  # [kv_heads, blocks · block_tokens, head_dim]
+    gathered_values = device.values_pool.index_select(1, chosen).view(heads, -1, dim)
+    return [_cut(gathered_keys, gathered_values, rows, kept, full, placement.device)]
+
+
+def _decoded_part(placement: Placement, codec: Codec, items: list[Encoded], rows: list[int], kept: list[int]) -> DenseRun:
+    """Blocks of a lower tier decoded into one full-precision run (blocks `rows` of the sequence)."""
+    layout = placement.layout
+    full = layout.block_tokens
+    shape = (layout.kv_heads, len(rows), full, layout.head_dim)
+    # out keys, values: [kv_heads, blocks, block_tokens, head_dim]
+    out_keys = torch.zeros(shape, dtype=layout.dtype, device=placement.device)
+    out_values = torch.zeros(shape, dtype=layout.dtype, device=placement.device)
+    codec.decode_many_into(
+        items,
+        [out_keys[:, j, : item.shape[1]] for j, item in enumerate(items)],
+        [out_values[:, j, : item.shape[1]] for j, item in enumerate(items)],
+    )
+    flat = (layout.kv_heads, -1, layout.head_dim)
+    return _cut(out_keys.view(flat), out_values.view(flat), rows, kept, full, placement.device)
+
+
+def _cut(keys: torch.Tensor, values: torch.Tensor, rows: list[int], kept: list[int], full: int, device) -> DenseRun:
+    """A run of whole block slots (keys, values: [kv_heads, len(rows) · full, head_dim]) with each
+    block's unread tokens left out, and the positions of those kept."""
+    index = torch.cat([torch.arange(j * full, j * full + kept[i]) for j, i in enumerate(rows)])  # [tokens]
+    positions = torch.cat([torch.arange(i * full, i * full + kept[i]) for i in rows]).to(device)  # [tokens]
+    if index.numel() != keys.shape[1]:
+        index = index.to(device)
+        keys, values = keys.index_select(1, index), values.index_select(1, index)
+    return DenseRun(keys, values, rows[0] * full, positions)

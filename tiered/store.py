@@ -32,7 +32,7 @@ from .content import is_content_key
 from .counters import StoreCounters
 from .device import DeviceTier
 from .disk import DiskTier
-from .gather import read_joined
+from .gather import DenseRun, EncodedRun, read_joined, read_parts
 from .host import HostTier
 from .placement import DEVICE, Placement
 from .shared import SharedTier
@@ -217,6 +217,22 @@ class TieredStore:
             if limit_tokens is not None:
                 keys_read, values_read = keys_read[:, :limit_tokens], values_read[:, :limit_tokens]
             yield keys_read, values_read
+
+    @contextmanager
+    def reading_parts(
+        self, keys: Sequence[BlockKey], touch: bool = False, limit_tokens: int | None = None
+    ) -> Iterator[list[DenseRun | EncodedRun]]:
+        """`keys` (one sequence's blocks of a layer, in order) as parts for attention that reads
+        quantized blocks where they lie (tiered.gather.read_parts): full-precision runs of the device
+        pool, and each quantizing lower tier's payloads as stored. Valid inside the `with` block
+        (the store's lock is held). Counts, KeyError and `limit_tokens` as for `reading`."""
+        keys = list(keys)
+        for key in keys:
+            if type(key) is not BlockKey:
+                _check_key(key)
+        with self._lock:
+            self._check_open()
+            yield read_parts(self._place, keys, touch, limit_tokens)
 
     def set_score(self, key: BlockKey, score: float) -> None:
         """Set the importance score the eviction policy sees for `key` (ignored if absent)."""

@@ -1,6 +1,8 @@
 """Grouped-query attention over keys and values read from the tiered store.
 
 Query heads are grouped by the KV head they read, so K and V are never repeated per query head.
+`attend_parts` reads a layer whose blocks lie in several tiers: full-precision runs and quantized
+payloads each give a partial result, merged by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ import math
 
 import torch
 from torch import Tensor
+
+from tiered.codecs.attend_reference import merge_partials
+from tiered.gather import EncodedRun
 
 
 def grouped_attention(
@@ -43,3 +48,49 @@ def grouped_attention(
     out = torch.matmul(weights.to(values.dtype), values)  # [kv_heads, group * n, head_dim]
     out = out.view(heads, n, head_dim)
     return out, (weights.view(heads, n, total) if return_weights else None)
+
+
+def partial_attention(
+    q: Tensor, keys: Tensor, values: Tensor, q_positions: Tensor | None, k_positions: Tensor
+) -> tuple[Tensor, Tensor]:
+    """grouped_attention's output over these keys alone, and its log-sum-exp, for merging with
+    other parts (tiered.codecs.attend_reference.merge_partials).
+
+    q: [heads, n, head_dim]; keys, values: [kv_heads, S, head_dim]; k_positions: [S] int64;
+    q_positions: [n] int64, or None when every key is visible. Returns (out [heads, n, head_dim]
+    fp32, lse [heads, n] fp32); a query that sees no key gets out 0 and lse -inf.
+    """
+    heads, n, head_dim = q.shape
+    kv_heads, total, _ = keys.shape
+    group = heads // kv_heads
+    grouped = q.reshape(kv_heads, group * n, head_dim)  # [kv_heads, group * n, head_dim]
+    scores = torch.matmul(grouped, keys.transpose(1, 2)).float()  # [kv_heads, group * n, S]
+    scores.mul_(1.0 / math.sqrt(head_dim))
+    if q_positions is not None:
+        hidden = k_positions[None, :] > q_positions[:, None]  # [n, S]
+        scores.view(kv_heads, group, n, total).masked_fill_(hidden, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [kv_heads, group * n, 1]
+    weights = torch.exp(scores.sub_(torch.where(torch.isfinite(lse), lse, 0.0)))
+    out = torch.matmul(weights.to(values.dtype), values).float()  # [kv_heads, group * n, head_dim]
+    return out.view(heads, n, head_dim), lse.view(heads, n)
+
+
+def attend_parts(q: Tensor, parts: list, q_positions: Tensor) -> Tensor:
+    """Causal attention of q over a layer's blocks read as parts (tiered.gather.read_parts):
+    full-precision runs through `partial_attention`, quantized payloads through their codec's
+    fused kernel (read where they lie, never dequantized), merged exactly by log-sum-exp.
+
+    q: [heads, n, head_dim]; q_positions: [n] int64. Returns [heads, n, head_dim] in q's dtype.
+    """
+    masked = q_positions if q.shape[1] > 1 else None  # one query, the newest: it sees every key
+    partials = []
+    for part in parts:
+        if isinstance(part, EncodedRun):
+            partials.append(part.codec.attend(q, part.items, part.starts, masked))
+            continue
+        positions = part.positions
+        if positions is None and masked is not None:
+            positions = torch.arange(part.start, part.start + part.keys.shape[1], device=q.device)
+        partials.append(partial_attention(q, part.keys, part.values, masked, positions))
+    out, _ = merge_partials(partials)
+    return out.to(q.dtype)

@@ -4,7 +4,9 @@ Appends write into device-tier slots in place (the last, partial block grows unt
 Full blocks are sealed under their content address (tiered.content), so sequences with a common
 prefix hold its blocks once, by reference; a sequence that starts on a cached prefix adopts those
 blocks instead of computing them. Attention reads blocks where they are: a layer whose blocks
-sit in consecutive device slots is read as one view of the pool, anything else is gathered.
+sit in consecutive device slots is read as one view of the pool; otherwise, in exact mode, device
+runs and the payloads of quantized lower tiers each give a partial attention (quantized blocks read
+where they lie, never dequantized), merged by log-sum-exp.
 Two modes:
 
 - exact:  every block takes part; the output equals a full cache's.
@@ -25,8 +27,9 @@ from torch import Tensor
 from policies import make_prefetch
 from tiered import BlockKey, TieredStore
 from tiered.content import content_key, is_content_key
+from tiered.gather import DenseRun
 
-from .attention import grouped_attention
+from .attention import attend_parts, grouped_attention
 from .sparse import SparseAttention
 
 MODES = ("exact", "sparse")
@@ -111,6 +114,9 @@ class KVManager:
         self.sealed_blocks = 0  # the first blocks of every layer, under content keys
         self.counters = KVCounters()
         self._score_store = store.config.eviction == "importance"
+        # exact mode: quantized blocks below the device take part in attention where they lie
+        # (False: dequantized into a joined copy first, the path this replaced; kept to compare)
+        self.quantized_reads = True
 
     @property
     def tokens(self) -> int:
@@ -126,8 +132,15 @@ class KVManager:
         try:
             if self._reads_sparse(layer, q.shape[1]):
                 return self._attend_sparse(layer, q, positions)
-            with self.store.reading(self.block_keys[layer], limit_tokens=self.lengths[layer]) as (keys, values):
-                out, _ = grouped_attention(q, keys, values, positions)
+            if not self.quantized_reads:  # every block dequantized into one joined copy, then attended
+                with self.store.reading(self.block_keys[layer], limit_tokens=self.lengths[layer]) as (keys, values):
+                    out, _ = grouped_attention(q, keys, values, positions)
+            else:
+                with self.store.reading_parts(self.block_keys[layer], limit_tokens=self.lengths[layer]) as parts:
+                    if len(parts) == 1 and isinstance(parts[0], DenseRun) and parts[0].positions is None:
+                        out, _ = grouped_attention(q, parts[0].keys, parts[0].values, positions)  # one run
+                    else:  # quantized blocks are read where they lie
+                        out = attend_parts(q, parts, positions)
         except KeyError as error:
             raise self._lost(layer) from error
         self.counters.attended_tokens += self.lengths[layer]
