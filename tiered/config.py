@@ -1,12 +1,29 @@
-"""StoreConfig: what a TieredStore is made of, validated before anything is allocated."""
+"""StoreConfig: what a TieredStore is made of, validated before anything is allocated.
+
+Each option is declared once: its type and bounds (checked by pydantic, strictly: a Python value is
+never coerced), its default, and its meaning. docs/CONFIG.md is generated from these declarations
+(`tiered.config.reference()`), with the unit that each option's name carries.
+`StoreConfig.load` reads options from a YAML file and from TIERED_* environment variables.
+Errors name the option, the value and what was expected: TypeError for a value of the wrong type,
+ValueError for one out of range.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+import yaml
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import ConfigDict, ValidationError, create_model
 
 from policies import make_eviction
 
@@ -16,87 +33,92 @@ from .disk.log import DURABILITY_MODES
 DISK_WRITE_MODES = ("through", "back")
 MiB = 1 << 20
 GiB = 1 << 30
+ENV_PREFIX = "TIERED_"
+
+Positive = Annotated[int, Gt(0)]
+NonNegative = Annotated[int, Ge(0)]
+PathOrNone = str | Path | None
+
+# how an option's name ends -> the unit of its value
+UNITS = {"_bytes": "bytes", "_tokens": "tokens", "_threads": "threads", "_s": "seconds", "_fraction": "fraction"}
+SIZE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB|GiB|TiB)?\s*")
+SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def doc(meaning: str, *, default: str | None = None, allowed: str | None = None) -> dict[str, str | None]:
+    """A StoreConfig field's metadata: its meaning, and, for docs/CONFIG.md, its default and allowed
+    values in words where its declaration does not say them."""
+    return {"doc": meaning, "default_doc": default, "allowed": allowed}
+
+
 @dataclass(frozen=True)
 class StoreConfig:
-    """Configuration of a TieredStore. Sizes are bytes; a `None` disk_dir means no disk tier.
+    """Configuration of a TieredStore. Sizes are bytes; a `None` disk_dir means no disk tier. Every
+    option, with its unit and default: docs/CONFIG.md."""
 
-    device        "cuda", "cuda:N" or "cpu": where the top tier's slot pool lives
-    device_bytes  capacity of the device tier (its slot pool is allocated on the first put)
-    host_bytes    capacity of the host tier (pinned memory when the device is CUDA)
-    disk_dir      directory of the disk tier's segment files, or None for no disk tier
-    disk_bytes    capacity of the disk tier: its segment files never exceed it (whole segments,
-                  oldest first, are evicted to make room)
-    host_codec    codec of blocks in the host tier ("raw", or a quantizing codec)
-    disk_codec    codec of blocks in the disk tier
-    eviction      eviction policy name (see policies.EVICTION), one instance per tier
-    block_tokens  tokens per block; the last block of a sequence may hold fewer
-    layers        layer count of the model, or None: with it, the device tier gives each layer an
-                  equal share of its slots, so a sequence's blocks of one layer sit in consecutive
-                  slots that attention reads in place; keys' layers must then be below it
-    fingerprint   the model's identity (architecture, weights hash, ...), recorded in the disk
-                  directory with block_tokens, disk_codec and the dtype: a directory written under
-                  another identity is refused (tiered.disk.IdentityMismatch); "" until a model sets it
-    disk_durability   when the disk tier fsyncs: "record" (every record), "segment" (default: when
-                  a segment seals, before compaction deletes one, and on close) or "never". A killed
-                  process loses nothing put returned from in any mode; a power loss can lose unsynced
-                  records, which then read as misses
-    disk_zstd_level   zstd level of disk payloads, 1..22 (1: fastest, and as small as 3 on KV)
-    disk_zstd_threads zstd worker threads for payload planes of 1 MiB or more; 0: none
-    disk_segment_bytes  a segment file seals past min(this, disk_bytes / 8), and at least 64 KiB
-    disk_compact_live_fraction  sealed segments with less live data than this fraction are
-                  compacted in the background (0 turns compaction off)
-    shared_dir    a directory every replica of a cluster mounts (tiered.shared), below the local
-                  tiers, or None: sealed blocks are written through to it, stored in disk_codec,
-                  and any store configured with it can read what another wrote
-    shared_bytes  the budget of this store's share of the shared directory
-    disk_write    "through" (default): a block is written to the disk tier in the background as
-                  soon as it is sealed (full and content-addressed), and stays there when promoted,
-                  so a crash loses no sealed block and another process can reuse it; "back": blocks
-                  reach the disk only when evicted from the host tier
-    """
-
-    device: str = field(default_factory=default_device)
-    device_bytes: int = 256 * MiB
-    host_bytes: int = 1 * GiB
-    disk_dir: str | Path | None = None
-    disk_bytes: int = 4 * GiB
-    host_codec: str = "raw"
-    disk_codec: str = "raw"
-    eviction: str = "lru"
-    eviction_kwargs: dict[str, Any] = field(default_factory=dict)
-    block_tokens: int = 64
-    layers: int | None = None
-    prefetch_threads: int = 1
-    fingerprint: str = ""
-    disk_durability: str = "segment"
-    disk_zstd_level: int = 1
-    disk_zstd_threads: int = 0
-    disk_segment_bytes: int = 64 * MiB
-    disk_compact_live_fraction: float = 0.5
-    disk_write: str = "through"
-    shared_dir: str | Path | None = None
-    shared_bytes: int = 64 * GiB
+    device: str = field(default_factory=default_device, metadata=doc(
+        '"cuda", "cuda:N" or "cpu": where the top tier\'s slot pool lives',
+        default='"cuda" when CUDA is available, else "cpu"', allowed="cpu, cuda, cuda:N"))
+    device_bytes: Positive = field(default=256 * MiB, metadata=doc(
+        "capacity of the device tier (its slot pool is allocated on the first put)"))
+    host_bytes: Positive = field(default=1 * GiB, metadata=doc(
+        "capacity of the host tier (pinned memory when the device is CUDA)"))
+    disk_dir: PathOrNone = field(default=None, metadata=doc(
+        "directory of the disk tier's segment files, or None for no disk tier"))
+    disk_bytes: Positive = field(default=4 * GiB, metadata=doc(
+        "capacity of the disk tier: its segment files never exceed it (whole segments, oldest first, are "
+        "evicted to make room)"))
+    host_codec: str = field(default="raw", metadata=doc(
+        'codec of blocks in the host tier ("raw", or a quantizing codec such as "int8" or "int4:g32")',
+        allowed="a codec spec (tiered.CODECS)"))
+    disk_codec: str = field(default="raw", metadata=doc(
+        "codec of blocks in the disk tier (and the shared tier)", allowed="a codec spec (tiered.CODECS)"))
+    eviction: str = field(default="lru", metadata=doc(
+        "eviction policy name, one instance per tier", allowed="a name in policies.EVICTION"))
+    eviction_kwargs: dict[str, Any] = field(default_factory=dict, metadata=doc(
+        "keyword arguments of the eviction policy", default="{}"))
+    block_tokens: Positive = field(default=64, metadata=doc(
+        "tokens per block; the last block of a sequence may hold fewer"))
+    layers: Positive | None = field(default=None, metadata=doc(
+        "layer count of the model, or None: with it, the device tier gives each layer an equal share of its "
+        "slots, so a sequence's blocks of one layer sit in consecutive slots that attention reads in place; "
+        "keys' layers must then be below it"))
+    prefetch_threads: Positive = field(default=1, metadata=doc(
+        "threads that move blocks up in the background (TieredStore.prefetch)"))
+    fingerprint: str = field(default="", metadata=doc(
+        "the model's identity (architecture, weights hash, ...), recorded in the disk directory with "
+        "block_tokens, disk_codec and the dtype: a directory written under another identity is refused; "
+        '"" until a model sets it', allowed="printable, at most 1024 characters"))
+    disk_durability: Literal[DURABILITY_MODES] = field(default="segment", metadata=doc(
+        'when the disk tier fsyncs: "record" (every record), "segment" (when a segment seals, before '
+        'compaction deletes one, and on close) or "never". A killed process loses nothing put returned from '
+        "in any mode; a power loss can lose unsynced records, which then read as misses"))
+    disk_zstd_level: Annotated[int, Ge(1), Le(22)] = field(default=1, metadata=doc(
+        "zstd level of disk payloads (1: fastest, and as small as 3 on KV)"))
+    disk_zstd_threads: NonNegative = field(default=0, metadata=doc(
+        "zstd worker threads for payload planes of 1 MiB or more; 0: none"))
+    disk_segment_bytes: Positive = field(default=64 * MiB, metadata=doc(
+        "a segment file seals past min(this, disk_bytes / 8), and at least 64 KiB"))
+    disk_compact_live_fraction: Annotated[float, Ge(0), Lt(1)] = field(default=0.5, metadata=doc(
+        "sealed segments with less live data than this fraction are compacted in the background (0 turns "
+        "compaction off)"))
+    disk_write: Literal[DISK_WRITE_MODES] = field(default="through", metadata=doc(
+        '"through": a block is written to the disk tier in the background as soon as it is sealed (full and '
+        "content-addressed), and stays there when promoted, so a crash loses no sealed block and another "
+        'process can reuse it; "back": blocks reach the disk only when evicted from the host tier'))
+    shared_dir: PathOrNone = field(default=None, metadata=doc(
+        "a directory every replica of a cluster mounts (tiered.shared), below the local tiers, or None: "
+        "sealed blocks are written through to it, stored in disk_codec, and any store configured with it "
+        "can read what another wrote"))
+    shared_bytes: Positive = field(default=64 * GiB, metadata=doc(
+        "the budget of this store's share of the shared directory"))
 
     def __post_init__(self) -> None:
-        for name in ("device_bytes", "host_bytes", "disk_bytes", "block_tokens", "prefetch_threads",
-                     "disk_zstd_level", "disk_segment_bytes", "shared_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"StoreConfig.{name} must be int, got {type(value).__name__}")
-            if value <= 0:
-                raise ValueError(f"StoreConfig.{name} must be > 0, got {value}")
-        if self.layers is not None and (isinstance(self.layers, bool) or not isinstance(self.layers, int)):
-            raise TypeError(f"StoreConfig.layers must be int or None, got {type(self.layers).__name__}")
-        if self.layers is not None and self.layers <= 0:
-            raise ValueError(f"StoreConfig.layers must be > 0, got {self.layers}")
-        if not isinstance(self.device, str):
-            raise TypeError(f"StoreConfig.device must be str, got {type(self.device).__name__}")
+        _check_schema(self)
         try:
             device = torch.device(self.device)
         except RuntimeError as err:
@@ -105,42 +127,25 @@ class StoreConfig:
             raise ValueError(f"StoreConfig.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"StoreConfig.device={self.device!r} but CUDA is not available; use 'cpu'")
-        if self.disk_dir is not None and not isinstance(self.disk_dir, (str, Path)):
-            raise TypeError(f"StoreConfig.disk_dir must be a path or None, got {type(self.disk_dir).__name__}")
-        if self.shared_dir is not None and not isinstance(self.shared_dir, (str, Path)):
-            raise TypeError(f"StoreConfig.shared_dir must be a path or None, got {type(self.shared_dir).__name__}")
-        for name in ("host_codec", "disk_codec", "eviction"):
-            if not isinstance(getattr(self, name), str):
-                raise TypeError(f"StoreConfig.{name} must be str, got {type(getattr(self, name)).__name__}")
-        if not isinstance(self.eviction_kwargs, dict):
-            raise TypeError(f"StoreConfig.eviction_kwargs must be dict, got {type(self.eviction_kwargs).__name__}")
-        self._check_disk()
+        if len(self.fingerprint) > 1024 or not self.fingerprint.isprintable():
+            raise ValueError(f"StoreConfig.fingerprint must be printable text of at most 1024 characters, "
+                             f"got {self.fingerprint!r}")
         make_codec(self.host_codec)  # unknown names raise ValueError listing the valid ones
         make_codec(self.disk_codec)
         make_eviction(self.eviction, **self.eviction_kwargs)
 
-    def _check_disk(self) -> None:
-        if not isinstance(self.fingerprint, str):
-            raise TypeError(f"StoreConfig.fingerprint must be str, got {type(self.fingerprint).__name__}")
-        if len(self.fingerprint) > 1024 or not self.fingerprint.isprintable():
-            raise ValueError(f"StoreConfig.fingerprint must be printable text of at most 1024 characters, "
-                             f"got {self.fingerprint!r}")
-        if self.disk_durability not in DURABILITY_MODES:
-            raise ValueError(f"StoreConfig.disk_durability must be one of {list(DURABILITY_MODES)}, "
-                             f"got {self.disk_durability!r}")
-        if not 1 <= self.disk_zstd_level <= 22:
-            raise ValueError(f"StoreConfig.disk_zstd_level must be 1..22, got {self.disk_zstd_level}")
-        if isinstance(self.disk_zstd_threads, bool) or not isinstance(self.disk_zstd_threads, int):
-            raise TypeError(f"StoreConfig.disk_zstd_threads must be int, got {type(self.disk_zstd_threads).__name__}")
-        if self.disk_zstd_threads < 0:
-            raise ValueError(f"StoreConfig.disk_zstd_threads must be >= 0, got {self.disk_zstd_threads}")
-        fraction = self.disk_compact_live_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-            raise TypeError(f"StoreConfig.disk_compact_live_fraction must be a float, got {type(fraction).__name__}")
-        if self.disk_write not in DISK_WRITE_MODES:
-            raise ValueError(f"StoreConfig.disk_write must be one of {list(DISK_WRITE_MODES)}, got {self.disk_write!r}")
-        if not 0 <= fraction < 1:
-            raise ValueError(f"StoreConfig.disk_compact_live_fraction must be in [0, 1), got {fraction}")
+    @classmethod
+    def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> StoreConfig:
+        """A StoreConfig from, each overriding the one before: the defaults; the YAML file at `path` (a
+        mapping of option names, or one under a `store:` key); the TIERED_<OPTION> variables of `env`
+        (default: os.environ), such as TIERED_HOST_BYTES=4GiB; and `overrides`. Sizes (`*_bytes`) may be
+        written with a unit in the file and the environment: 512MiB, 4 GiB. An unknown option is an error."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(_from_yaml(Path(path)))
+        values.update(_from_env(os.environ if env is None else env))
+        values.update(overrides)
+        return cls(**values)
 
     @property
     def torch_device(self) -> torch.device:
@@ -148,3 +153,160 @@ class StoreConfig:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         return device
+
+
+@cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(StoreConfig, include_extras=True)
+
+
+@cache
+def _schema():
+    """The pydantic model of StoreConfig's options, strict: it checks values and converts none."""
+    hints = _hints()
+    fields = {f.name: (hints[f.name], ...) for f in dataclasses.fields(StoreConfig)}
+    return create_model("StoreConfig", __config__=ConfigDict(strict=True, arbitrary_types_allowed=True), **fields)
+
+
+def _check_schema(config: StoreConfig) -> None:
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    try:
+        _schema().model_validate(values)
+    except ValidationError as error:
+        name = error.errors()[0]["loc"][0]
+        kinds = {e["type"] for e in error.errors() if e["loc"][0] == name}
+        value = values[name]
+        if kinds & {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error"}:
+            raise ValueError(f"StoreConfig.{name} must be {_bounds(_hints()[name])}, got {value!r}") from None
+        raise TypeError(f"StoreConfig.{name} must be {_type_name(_hints()[name])}, "
+                        f"got {value!r} ({type(value).__name__})") from None
+
+
+def _type_name(hint: Any) -> str:
+    """'int', 'int or None', 'a path or None', ... for an option's type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return "str"
+    if hint == PathOrNone:
+        return "a path or None"
+    if args and type(None) in args:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or None"
+    if origin is not None:
+        return origin.__name__
+    return {float: "a number"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _bounds(hint: Any) -> str:
+    """'> 0', 'in [1, 22]', "one of ['through', 'back']", ... for an option's allowed values."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        return f"one of {list(args)}"
+    if typing.get_origin(hint) is not Annotated:
+        inner = [a for a in args if a is not type(None)]
+        bounds = _bounds(inner[0]) if len(inner) == 1 else ""
+        return f"{bounds} (or None)" if bounds and type(None) in args else bounds
+    low = high = None
+    for constraint in args[1:]:
+        if isinstance(constraint, Gt):
+            low = f"> {constraint.gt}"
+        elif isinstance(constraint, Ge):
+            low = f">= {constraint.ge}"
+        elif isinstance(constraint, Lt):
+            high = f"< {constraint.lt}"
+        elif isinstance(constraint, Le):
+            high = f"<= {constraint.le}"
+    if low and high:
+        return f"in {'[' if low.startswith('>=') else '('}{low.split()[-1]}, {high.split()[-1]}{']' if high.startswith('<=') else ')'}"
+    return low or high or ""
+
+
+def _from_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if loaded is None:
+        return {}
+    if isinstance(loaded, dict) and isinstance(loaded.get("store"), dict):
+        loaded = loaded["store"]
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of StoreConfig options, "  # noqa: TRY004 (a file's content)
+                         f"got {type(loaded).__name__}")
+    known = {f.name for f in dataclasses.fields(StoreConfig)}
+    unknown = sorted(set(map(str, loaded)) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown StoreConfig options {unknown}; valid options: {sorted(known)}")
+    return {name: _size(name, value, f"{path}: {name}") for name, value in loaded.items()}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Options from TIERED_<OPTION> variables: text for text options, YAML scalars (and mappings, for
+    eviction_kwargs) for the rest; an empty path means None."""
+    hints, values = _hints(), {}
+    for f in dataclasses.fields(StoreConfig):
+        variable = ENV_PREFIX + f.name.upper()
+        if variable not in env:
+            continue
+        text = env[variable]
+        hint = hints[f.name]
+        if hint == PathOrNone:
+            values[f.name] = text or None
+        elif _type_name(hint) == "str":
+            values[f.name] = text
+        else:
+            try:
+                values[f.name] = _size(f.name, yaml.safe_load(text) if text.strip() else None, variable)
+            except yaml.YAMLError:
+                raise ValueError(f"{variable}={text!r}: StoreConfig.{f.name} must be {_type_name(hint)}") from None
+    return values
+
+
+def _size(name: str, value: Any, where: str) -> Any:
+    """A `*_bytes` option written with a unit (512MiB, 4 GiB) as its count of bytes; other values as given."""
+    if not name.endswith("_bytes") or not isinstance(value, str):
+        return value
+    match = SIZE.fullmatch(value)
+    if match is None:
+        raise ValueError(f"{where}: StoreConfig.{name} must be a size such as 4096, 512MiB or 4GiB, got {value!r}")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
+
+
+def _unit(name: str) -> str:
+    return next((unit for suffix, unit in UNITS.items() if name.endswith(suffix)), "")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.metadata.get("default_doc"):
+        return f.metadata["default_doc"]
+    value = f.default
+    if isinstance(value, int) and not isinstance(value, bool) and f.name.endswith("_bytes"):
+        for unit in ("TiB", "GiB", "MiB", "KiB"):
+            if value % SIZE_UNITS[unit] == 0:
+                return f"{value // SIZE_UNITS[unit]} {unit}"
+    return repr(value)
+
+
+def reference() -> str:
+    """The Markdown table of every StoreConfig option (docs/CONFIG.md)."""
+    hints = _hints()
+    lines = [
+        "# Configuration",
+        "",
+        "Generated from `tiered/config.py` (`tiered.config.reference()`); a test keeps it in sync.",
+        "`StoreConfig` options come from Python (`StoreConfig(...)`, `dataclasses.replace`), from a YAML",
+        "file (`StoreConfig.load(path)`: a mapping of options, or one under `store:`) and from `TIERED_<OPTION>`",
+        "environment variables (`TIERED_HOST_BYTES=4GiB`), each overriding the one before. Sizes (`*_bytes`)",
+        "may carry a unit in a file or the environment (B, KiB, MiB, GiB, TiB). A bad value is refused with",
+        "the option, the value and what was expected.",
+        "",
+        "| option | environment | type | allowed | unit | default | meaning |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in dataclasses.fields(StoreConfig):
+        hint = hints[f.name]
+        cells = [f"`{f.name}`", f"`{ENV_PREFIX}{f.name.upper()}`", _type_name(hint), f.metadata["allowed"] or _bounds(hint) or "any",
+                 _unit(f.name) or "-", f"`{_default_text(f)}`", f.metadata["doc"]]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
