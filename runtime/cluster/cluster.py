@@ -36,6 +36,22 @@ SERVE_NAMESPACE = "serve"
 DEPLOYMENT = "SessionReplica"
 
 
+def replica_deployment(workers: int, gpus: bool, cpus_per_worker: float, table_key: str, routing: str):
+    """The SessionReplica deployment of `workers` replicas (one GPU each when `gpus`), routed by the
+    SessionRouter over the RoutingTable registered as TABLES[table_key] in the handle's process."""
+    return serve.deployment(SessionReplica, name=DEPLOYMENT).options(
+        num_replicas=workers,
+        ray_actor_options={"num_cpus": cpus_per_worker, "num_gpus": 1 if gpus else 0},
+        max_ongoing_requests=64,
+        health_check_period_s=2,
+        health_check_timeout_s=60,
+        request_router_config=RequestRouterConfig(
+            request_router_class=SessionRouter,
+            request_router_kwargs={"table_key": table_key, "routing": routing},
+        ),
+    )
+
+
 class Cluster:
     """Starts (or joins, with `address`) Ray and deploys `workers` SessionReplicas of `model`.
 
@@ -101,17 +117,7 @@ class Cluster:
         self._owns_ray = not ray.is_initialized()  # then shutdown() stops Serve and Ray too
         start_ray(address, num_cpus=num_cpus)
         serve.start(proxy_location="Disabled")
-        deployment = serve.deployment(SessionReplica, name=DEPLOYMENT).options(
-            num_replicas=workers,
-            ray_actor_options={"num_cpus": cpus_per_worker, "num_gpus": 1 if gpus else 0},
-            max_ongoing_requests=64,
-            health_check_period_s=2,
-            health_check_timeout_s=60,
-            request_router_config=RequestRouterConfig(
-                request_router_class=SessionRouter,
-                request_router_kwargs={"table_key": self._table_key, "routing": routing},
-            ),
-        )
+        deployment = replica_deployment(workers, gpus > 0, cpus_per_worker, self._table_key, routing)
         try:
             if gpus and workers > int(ray.cluster_resources().get("GPU", 0)):
                 raise ValueError(f"workers={workers} but the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} "

@@ -113,6 +113,11 @@ class SessionReplica:
             return {**self._identity(), "sessions": sorted(self.worker.sessions), "store": self.worker.store.stats(),
                     "model": self.worker.model_info()}
 
+    def tokenizer_json(self, replica: str | None = None) -> str:
+        """The model's tokenizer, serialized (runtime.model.tokenizer.Tokenizer.from_json reads it):
+        what an HTTP ingress needs to turn text into the token ids it routes by."""
+        return self.worker.model.tokenizer.to_json()
+
     def __del__(self) -> None:
         worker = getattr(self, "worker", None)
         if worker is not None:

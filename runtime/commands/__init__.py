@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import experiment, inspect, run, sessions, simulate
+from . import experiment, inspect, run, serve, sessions, simulate
 
 COMMANDS: dict[str, Callable] = {
     "run": run.register,
@@ -13,4 +13,5 @@ COMMANDS: dict[str, Callable] = {
     "inspect": inspect.register,
     "sessions": sessions.register,
     "simulate": simulate.register,
+    "serve": serve.register,
 }
