@@ -50,6 +50,9 @@ def grouped_attention(
     return out, (weights.view(heads, n, total) if return_weights else None)
 
 
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def partial_attention(
     q: Tensor, keys: Tensor, values: Tensor, q_positions: Tensor | None, k_positions: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -64,6 +67,11 @@ def partial_attention(
     kv_heads, total, _ = keys.shape
     group = heads // kv_heads
     grouped = q.reshape(kv_heads, group * n, head_dim)  # [kv_heads, group * n, head_dim]
+    if q_positions is None and _FLASH_CPU is not None and q.is_cpu and q.dtype == torch.float32:
+        # the kernel F.scaled_dot_product_attention runs on the CPU, which also returns the lse;
+        # query heads grouped per KV head, so K and V are not repeated: [1, kv_heads, group * n, head_dim]
+        out, lse = _FLASH_CPU(grouped[None], keys[None], values[None], 0.0, False, scale=1.0 / math.sqrt(head_dim))[:2]
+        return out.reshape(heads, n, head_dim), lse.reshape(heads, n)
     scores = torch.matmul(grouped, keys.transpose(1, 2)).float()  # [kv_heads, group * n, S]
     scores.mul_(1.0 / math.sqrt(head_dim))
     if q_positions is not None:

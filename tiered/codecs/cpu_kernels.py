@@ -26,6 +26,7 @@ import torch
 
 from ..atomic import atomic_path
 from . import reference
+from .attend_reference import merge_partials
 from .layout import QuantFormat
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -207,7 +208,7 @@ def attend(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """attend_reference.attend_quantized (same arguments, scale given) in one fused call for the
-    "int" kinds: (out [heads, n, head_dim] fp32, lse [heads, n] fp32). KV heads are split over
+    "int" kinds: (out [heads, n, head_dim] fp32, lse [heads, n] fp32). Blocks are split over
     torch's thread count when there is enough to read."""
     global _pool
     lib = _library()
@@ -231,18 +232,31 @@ def attend(
     positions = None if q_positions is None else q_positions.to(torch.int64).contiguous()
     out = torch.empty(kv_heads, rows, dim, dtype=torch.float32)  # [H, R, D]
     lse = torch.empty(kv_heads, rows, dtype=torch.float32)  # [H, R]
-    args = (grouped.data_ptr(), 0 if positions is None else positions.data_ptr(), n, rows, kv_heads, dim, nb,
-            base, base + 8 * nb, base + 16 * nb, base + 24 * nb, fmt.bits, fmt.group, out.data_ptr(), lse.data_ptr())
-    workers = min(kv_heads, torch.get_num_threads())
+    position_ptr = 0 if positions is None else positions.data_ptr()
+
+    def call(first: int, last: int, out: torch.Tensor, lse: torch.Tensor) -> int:
+        """Blocks [first, last) into out [H, R, D] and lse [H, R]."""
+        return lib.tiered_attend(
+            0, kv_heads, grouped.data_ptr(), position_ptr, n, rows, kv_heads, dim, last - first,
+            base + 8 * first, base + 8 * (nb + first), base + 8 * (2 * nb + first), base + 8 * (3 * nb + 6 * first),
+            fmt.bits, fmt.group, out.data_ptr(), lse.data_ptr(),
+        )
+
+    workers = min(nb, torch.get_num_threads())
     if workers <= 1 or sum(tokens) * kv_heads * dim < ATTEND_PARALLEL_MIN_CODES:
-        results = [lib.tiered_attend(0, kv_heads, *args)]
-    else:
+        outs = [torch.empty(kv_heads, rows, dim, dtype=torch.float32)]  # [H, R, D]
+        lses = [torch.empty(kv_heads, rows, dtype=torch.float32)]  # [H, R]
+        results = [call(0, nb, outs[0], lses[0])]
+    else:  # blocks split over threads, each a partial result, merged by log-sum-exp
         with _pool_lock:
             if _pool is None:
                 _pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="tiered-codec")
-        bounds = [kv_heads * w // workers for w in range(workers + 1)]
-        futures = [_pool.submit(lib.tiered_attend, bounds[w], bounds[w + 1], *args) for w in range(workers)]
+        bounds = [nb * w // workers for w in range(workers + 1)]
+        outs = [torch.empty(kv_heads, rows, dim, dtype=torch.float32) for _ in range(workers)]
+        lses = [torch.empty(kv_heads, rows, dtype=torch.float32) for _ in range(workers)]
+        futures = [_pool.submit(call, bounds[w], bounds[w + 1], outs[w], lses[w]) for w in range(workers)]
         results = [f.result() for f in futures]
     if any(r < 0 for r in results):
         raise MemoryError("the CPU kernels could not allocate scratch memory")
+    out, lse = merge_partials(list(zip(outs, lses)))
     return out.view(heads, n, dim), lse.view(heads, n)
