@@ -36,7 +36,7 @@ class ServeSettings(BaseModel):
     block_tokens: int = Field(64, ge=1)
     shared_dir: str | None = Field(None, description="the cluster's shared tier, a directory every node mounts")
     routing: str = "prefix-affinity"
-    api_keys: tuple[str, ...] = Field((), description=f"bearer keys; empty: {API_KEY_ENV}, else no auth")
+    api_keys: tuple[str, ...] = Field((), validate_default=True, description=f"bearer keys; empty: {API_KEY_ENV}, else no auth")
     no_reuse: bool = Field(False, description="every request gets its own salt: no prefix is ever reused")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that sets none")
     call_timeout_s: float = Field(300.0, gt=0)

@@ -1,0 +1,198 @@
+"""`tiered serve` under a multi-turn load, with prefix reuse and without (the server's --no-reuse),
+modeled on SGLang's bench_multiturn.py and LMCache's multi-round QA benchmark.
+
+N users x R rounds: each user's conversation is a shared long document, its own history, and a new
+question per round; a user sends its next round an exponential think time (Poisson arrivals at
+--rate per user) after its previous answer, through the `openai` async client, streaming. Reported
+per round: time to first token (p50, p90); overall: requests/s, output tokens/s, the cached-token
+ratio (usage.prompt_tokens_details.cached_tokens / prompt_tokens), and errors. Each mode starts
+its own `tiered serve` (SmolLM2-135M by default) on 127.0.0.1 and stops it after.
+
+    python benchmarks/bench_serve.py                           # 4 users x 3 rounds, 512-token document
+    python benchmarks/bench_serve.py --users 8 --rounds 4 --doc-tokens 2048 --workers 2
+    python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --modes reuse   # an already running server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM = "You are a helpful assistant. Answer questions about the document briefly."
+
+
+def document(chars: int) -> str:
+    return (ROOT / "runtime" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:chars]
+
+
+def question(user: int, round_: int) -> str:
+    return f"Question {round_ + 1} from reader {user}: who speaks in line {7 * user + round_ + 1}, and why?"
+
+
+async def converse(client, model: str, user: int, doc: str, args, records: list, start_s: float) -> None:
+    """One user's rounds; a record per round: (round, TTFT s, prompt tokens, cached tokens, output tokens, ok)."""
+    rng = random.Random(args.seed * 1000 + user)
+    messages = [{"role": "system", "content": SYSTEM}]
+    for round_ in range(args.rounds):
+        await asyncio.sleep(rng.expovariate(args.rate))
+        content = f"{doc}\n\n{question(user, round_)}" if round_ == 0 else question(user, round_)
+        messages.append({"role": "user", "content": content})
+        sent_s = time.perf_counter()
+        ttft_s, text, usage = None, [], None
+        try:
+            stream = await client.chat.completions.create(
+                model=model, messages=messages, max_tokens=args.max_tokens, temperature=0, stream=True,
+                stream_options={"include_usage": True})
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    ttft_s = ttft_s if ttft_s is not None else time.perf_counter() - sent_s
+                    text.append(chunk.choices[0].delta.content)
+                if chunk.usage is not None:
+                    usage = chunk.usage
+            ok = usage is not None
+        except openai.APIError as error:
+            print(f"  user {user} round {round_ + 1}: {type(error).__name__}: {error}", file=sys.stderr)
+            ok = False
+        if ok:
+            records.append((round_ + 1, ttft_s if ttft_s is not None else time.perf_counter() - sent_s,
+                            usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens, True))
+        else:
+            records.append((round_ + 1, None, 0, 0, 0, False))
+        messages.append({"role": "assistant", "content": "".join(text)})
+
+
+async def load(url: str, model: str, api_key: str, args) -> dict:
+    doc = document(args.doc_tokens * 4)  # about 4 characters per token of this text
+    records: list = []
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=900) as client:
+        start_s = time.perf_counter()
+        await asyncio.gather(*(converse(client, model, u, doc, args, records, start_s) for u in range(args.users)))
+        wall_s = time.perf_counter() - start_s
+    done = [r for r in records if r[5]]
+    per_round = {}
+    for round_ in range(1, args.rounds + 1):
+        ttfts = sorted(r[1] for r in done if r[0] == round_)
+        per_round[round_] = {"ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p90_s": _quantile(ttfts, 0.9), "requests": len(ttfts)}
+    later = sorted(r[1] for r in done if r[0] >= 2)
+    prompt, cached = sum(r[2] for r in done), sum(r[3] for r in done)
+    return {"per_round": per_round, "ttft_p50_rounds_2plus_s": _quantile(later, 0.5), "wall_s": wall_s,
+            "requests_per_s": len(done) / wall_s, "output_tokens_per_s": sum(r[4] for r in done) / wall_s,
+            "cached_ratio": cached / prompt if prompt else 0.0, "prompt_tokens": prompt, "errors": len(records) - len(done)}
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def start_server(args, no_reuse: bool) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "runtime.cli", "serve", "--model", args.model, "--workers", str(args.workers),
+               "--port", str(port), "--device-mib", str(args.device_mib), "--host-mib", str(args.host_mib),
+               "--api-key", "bench"] + (["--no-reuse"] if no_reuse else [])
+    log = open(Path(args.log_dir) / f"serve-{'no-reuse' if no_reuse else 'reuse'}.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    url = f"http://127.0.0.1:{port}"
+    deadline_s = time.monotonic() + 600
+    import urllib.request
+
+    while time.monotonic() < deadline_s:
+        if server.poll() is not None:
+            raise SystemExit(f"tiered serve exited with {server.returncode}; see {log.name}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return server, url
+        except OSError:
+            pass
+        time.sleep(1)
+    stop_server(server)
+    raise SystemExit(f"tiered serve did not become healthy; see {log.name}")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def report(mode: str, result: dict) -> None:
+    print(f"\n{mode}: {result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} output tok/s, "
+          f"cached-token ratio {result['cached_ratio']:.1%} of {result['prompt_tokens']} prompt tokens, "
+          f"{result['errors']} errors, {result['wall_s']:.1f} s")
+    print(f"  {'round':>5} {'TTFT p50 s':>11} {'TTFT p90 s':>11} {'requests':>9}")
+    for round_, row in result["per_round"].items():
+        p50 = "-" if row["ttft_p50_s"] is None else f"{row['ttft_p50_s']:.3f}"
+        p90 = "-" if row["ttft_p90_s"] is None else f"{row['ttft_p90_s']:.3f}"
+        print(f"  {round_:>5} {p50:>11} {p90:>11} {row['requests']:>9}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--doc-tokens", type=int, default=512, help="length of the shared document (about)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="answer length per round")
+    parser.add_argument("--rate", type=float, default=2.0, help="per user: rounds per second of think time (Poisson)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--device-mib", type=int, default=256)
+    parser.add_argument("--host-mib", type=int, default=512)
+    parser.add_argument("--modes", default="reuse,no-reuse", help="reuse, no-reuse, or both")
+    parser.add_argument("--url", default=None, help="an already running server (then --modes names what it runs)")
+    parser.add_argument("--api-key", default="bench", help="with --url")
+    parser.add_argument("--served-model", default=None, help="with --url: the model id (default: --model)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-dir", default="/tmp", help="where the servers' logs go")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("reuse", "no-reuse") for m in modes):
+        parser.error("--modes takes reuse, no-reuse or both")
+    print(f"{platform.node()} ({os.cpu_count()} CPUs): {args.users} users x {args.rounds} rounds, "
+          f"{args.doc_tokens}-token document, {args.max_tokens} tokens per answer, {args.workers} replica(s)")
+    results = {}
+    for mode in modes:
+        if args.url:
+            results[mode] = asyncio.run(load(args.url, args.served_model or args.model, args.api_key, args))
+        else:
+            server, url = start_server(args, no_reuse=mode == "no-reuse")
+            try:
+                results[mode] = asyncio.run(load(url, args.model, "bench", args))
+            finally:
+                stop_server(server)
+        report(mode, results[mode])
+    if "reuse" in results and "no-reuse" in results:
+        reuse, cold = results["reuse"]["ttft_p50_rounds_2plus_s"], results["no-reuse"]["ttft_p50_rounds_2plus_s"]
+        if reuse and cold:
+            print(f"\nTTFT p50 of rounds >= 2: {cold:.3f} s without reuse / {reuse:.3f} s with = {cold / reuse:.1f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    return 0 if all(r["errors"] == 0 for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
