@@ -1,6 +1,6 @@
-"""Ray actors: thin shells around the plain worker classes, and how this process starts or joins Ray.
+"""How this process starts or joins Ray.
 
-With runtime/cluster/, the only modules that import Ray.
+With runtime/cluster/ (the session workers as Ray Serve replicas), the only modules that import Ray.
 
 Starting Ray: `ray.init()` with no address reads `<temp>/ray/ray_current_cluster` and tries to
 join the cluster named there; when that cluster died uncleanly the call hangs. So the embedded
@@ -15,8 +15,6 @@ import os
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
-
-from .worker import SessionWorker
 
 DEFAULT_JOIN_TIMEOUT_S = 15.0
 
@@ -92,33 +90,3 @@ def _resolve(address: str) -> str:
         raise ConnectionError(f"address='auto' but {path} is empty")
     return recorded
 
-
-def start_local_ray(num_cpus: int | None = None) -> None:
-    """Start an embedded local Ray instance (never a stale cluster's), unless one is running."""
-    start_ray("local", num_cpus=num_cpus)
-
-
-def session_worker_actor(**options):
-    """The SessionWorker class as a Ray actor class; `options` go to `.options()` (num_cpus, ...)."""
-    import ray
-
-    return ray.remote(SessionWorker).options(**options)
-
-
-class ActorHandle:
-    """Calls a Ray actor's methods as if it were the plain object (blocking), streams included."""
-
-    def __init__(self, actor) -> None:
-        self._actor = actor
-
-    def __getattr__(self, name: str):
-        import ray
-
-        method = getattr(self._actor, name)
-
-        def call(*args, **kwargs):
-            if name == "stream":
-                return (ray.get(ref) for ref in method.options(num_returns="streaming").remote(*args, **kwargs))
-            return ray.get(method.remote(*args, **kwargs))
-
-        return call

@@ -1,5 +1,6 @@
-"""`tiered run`: the main job. A long document, questions about it over several turns, the KV cache
-in a tiered store hosted by a worker on an embedded local Ray instance; then what moved where."""
+"""`tiered run`: the main job. Two sessions read one long document and ask questions about it over
+several turns, at the same time, on a local cluster of two replicas (an embedded Ray instance);
+the second reuses the blocks the first computed. Then where each ran, and what moved where."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from importlib import resources
 from pathlib import Path
 
 from rich.table import Table
-from tqdm import tqdm
 
-from tiered import CODECS, StoreConfig, make_codec
+from policies import EVICTION, IMPORTANCE, PREFETCH
+from tiered import CODECS, StoreConfig
 
+from ..model import load_header
+from ..model.tokenizer import Tokenizer
+from . import checks
+from .checks import UsageError, positive_int
 from .tables import print_table
 
 QUESTIONS = (
@@ -29,116 +34,87 @@ SYSTEM = "You are a helpful assistant. Answer questions about the document the u
 def register(add_parser, name: str) -> None:
     parser = add_parser(name, help="run a long-context multi-turn session (the main job)",
                         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="registered name, .gguf file or HF directory")
-    parser.add_argument("--document", type=Path, default=None, help="text file (default: the shipped Shakespeare)")
-    parser.add_argument("--context-tokens", type=int, default=2048, help="tokens of the document to read")
+    parser.add_argument("--model", default="smollm2-135m", type=checks.model,
+                        help="registered name, .gguf file or HF directory")
+    parser.add_argument("--document", type=checks.readable_file, default=None,
+                        help="text file (default: the shipped Shakespeare)")
+    parser.add_argument("--context-tokens", type=positive_int, default=2048, help="tokens of the document to read")
     parser.add_argument("--question", action="append", default=None, help="a question (repeat for more turns)")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--chunk-tokens", type=int, default=256, help="prefill chunk size")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per turn")
+    parser.add_argument("--chunk-tokens", type=positive_int, default=256, help="prefill chunk size")
+    parser.add_argument("--workers", type=positive_int, default=2, help="replicas of the local cluster")
+    parser.add_argument("--sessions", type=positive_int, default=2, help="concurrent sessions over the document")
     parser.add_argument("--mode", choices=("exact", "sparse"), default="exact")
-    parser.add_argument("--budget-tokens", type=int, default=None, help="sparse mode: tokens per layer and step")
-    parser.add_argument("--importance", default="quest")
-    parser.add_argument("--prefetch", default="none")
-    parser.add_argument("--eviction", default="lru")
-    parser.add_argument("--device-mib", type=int, default=24, help="device tier capacity")
-    parser.add_argument("--host-mib", type=int, default=16, help="host tier capacity")
-    parser.add_argument("--disk-mib", type=int, default=1024, help="disk tier capacity")
-    parser.add_argument("--disk-dir", type=Path, default=None,
-                        help="disk tier directory; the session is saved there (default: a temporary one, not saved)")
-    parser.add_argument("--host-codec", default="int8", type=_codec, help=f"one of {sorted(CODECS)}, or a spec such as int4:g32")
-    parser.add_argument("--disk-codec", default="int8", type=_codec, help="as --host-codec")
+    parser.add_argument("--budget-tokens", type=positive_int, default=None, help="sparse mode: tokens per layer and step")
+    parser.add_argument("--importance", default="quest", type=checks.one_of(IMPORTANCE))
+    parser.add_argument("--prefetch", default="none", type=checks.one_of(PREFETCH))
+    parser.add_argument("--eviction", default="lru", type=checks.one_of(EVICTION))
+    parser.add_argument("--device-mib", type=positive_int, default=64, help="device tier capacity (per replica)")
+    parser.add_argument("--host-mib", type=positive_int, default=32, help="host tier capacity (per replica)")
+    parser.add_argument("--disk-mib", type=positive_int, default=1024, help="disk tier capacity (per replica)")
+    parser.add_argument("--disk-dir", type=checks.creatable_dir, default=None,
+                        help="where sessions are saved (the cluster's shared tier; with --no-ray, the disk tier); "
+                             "default: a temporary directory, nothing saved")
+    parser.add_argument("--host-codec", default="int8", type=checks.codec,
+                        help=f"one of {sorted(CODECS)}, or a spec such as int4:g32")
+    parser.add_argument("--disk-codec", default="int8", type=checks.codec, help="as --host-codec")
     parser.add_argument("--resume", metavar="ID", default=None,
                         help="continue a session saved in --disk-dir (`tiered sessions DIR` lists them)")
-    parser.add_argument("--no-ray", action="store_true", help="host the session in this process instead of a Ray worker")
+    parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    parser.add_argument("--no-ray", action="store_true", help="one session in this process instead of the cluster")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     if args.resume is not None and args.disk_dir is None:
-        print("tiered run: --resume needs --disk-dir, the directory the session was saved in")
-        return 2
+        raise UsageError("--resume", "needs --disk-dir, the directory the session was saved in")
     document = args.document or Path(str(resources.files("runtime") / "data" / "tinyshakespeare.txt"))
     questions = args.question or ([FOLLOW_UP] if args.resume else list(QUESTIONS))
+    config, tokenizer = load_header(args.model)
+    text = document_text(tokenizer, document, args.context_tokens)
+    if args.resume is None:  # a resumed session's length is known to its replica, which checks it
+        needed = sum(len(turn_prompt(tokenizer, text, q, turn == 0)) + args.max_new_tokens for turn, q in enumerate(questions))
+        if needed > config.max_position_embeddings:
+            raise UsageError("--context-tokens", f"{args.context_tokens} with {len(questions)} questions of "
+                             f"{args.max_new_tokens} answer tokens needs {needed} tokens; {args.model} holds "
+                             f"{config.max_position_embeddings}")
     with tempfile.TemporaryDirectory(prefix="tiered-run-") as scratch:
-        config = StoreConfig(
-            device_bytes=args.device_mib << 20, host_bytes=args.host_mib << 20,
-            disk_dir=str(args.disk_dir or Path(scratch) / "kv"), disk_bytes=args.disk_mib << 20,
-            host_codec=args.host_codec, disk_codec=args.disk_codec, eviction=args.eviction,
-        )
-        worker = _start_worker(args, config)
-        try:
-            if args.resume is not None:
-                session_id = args.resume
-                print(f"resuming session {session_id} ({worker.resume(session_id)} tokens)")
-            else:
-                session_id = uuid.uuid4().hex
-                worker.open(session_id, mode=args.mode, budget_tokens=args.budget_tokens,
-                            importance=args.importance, prefetch=args.prefetch)
-            _converse(worker, session_id, document, questions, args, resumed=args.resume is not None)
-            _report(worker.stats(session_id))
-            if args.disk_dir is not None:
-                worker.save(session_id)
-                print(f"\nsaved; continue with: tiered run --resume {session_id} --disk-dir {args.disk_dir}")
-        finally:
-            worker.shutdown()
-    return 0
+        if args.no_ray:
+            return _run_in_process(args, text, questions, scratch)
+        from .run_cluster import run_on_cluster
+
+        return run_on_cluster(args, tokenizer, text, questions, scratch)
 
 
-def _codec(spec: str) -> str:
-    try:
-        make_codec(spec)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return spec
+def store_config(args: argparse.Namespace, disk_dir: Path) -> StoreConfig:
+    return StoreConfig(
+        device_bytes=args.device_mib << 20, host_bytes=args.host_mib << 20, disk_dir=str(disk_dir),
+        disk_bytes=args.disk_mib << 20, host_codec=args.host_codec, disk_codec=args.disk_codec, eviction=args.eviction,
+    )
 
 
-def _start_worker(args: argparse.Namespace, config: StoreConfig):
-    if args.no_ray:
-        from ..worker import SessionWorker
-
-        return SessionWorker(args.model, config)
-    from ..actors import ActorHandle, session_worker_actor, start_local_ray
-
-    print("starting an embedded local Ray instance ...", flush=True)
-    start_local_ray()
-    return ActorHandle(session_worker_actor().remote(args.model, config))
+def session_options(args: argparse.Namespace) -> dict:
+    return dict(mode=args.mode, budget_tokens=args.budget_tokens, importance=args.importance, prefetch=args.prefetch,
+                chunk_tokens=args.chunk_tokens)
 
 
-def _converse(worker, session_id: str, document: Path, questions: list[str], args: argparse.Namespace,
-              resumed: bool = False) -> None:
-    text_ids = worker.encode(document.read_text(encoding="utf-8")[: args.context_tokens * 8])[: args.context_tokens]
-    text = worker.decode(text_ids)
-    for turn, question in enumerate(questions):
-        first = turn == 0 and not resumed
-        content = f"{text}\n\n{question}" if first else question
-        messages = [{"role": "system", "content": SYSTEM}] if first else []
-        prompt = worker.chat_tokens(messages + [{"role": "user", "content": content}])
-        if not first:  # the previous answer stopped before its end-of-turn marker: close it first
-            prompt = worker.encode("<|im_end|>\n") + prompt
-        start_s = time.perf_counter()
-        with tqdm(total=len(prompt), desc=f"turn {turn + 1}: reading", unit="tok", leave=False) as bar:
-            for i in range(0, len(prompt), args.chunk_tokens):
-                worker.extend(session_id, prompt[i : i + args.chunk_tokens])
-                bar.update(min(args.chunk_tokens, len(prompt) - i))
-        prefill_s = time.perf_counter() - start_s
-        print(f"\n[turn {turn + 1}] {question}")
-        print("  > ", end="", flush=True)
-        answer: list[int] = []
-        start_s = time.perf_counter()
-        for token in worker.stream(session_id, args.max_new_tokens):
-            answer.append(token)
-            print(worker.decode([token]), end="", flush=True)
-        decode_s = time.perf_counter() - start_s
-        print(f"\n  ({len(prompt)} prompt tokens at {len(prompt) / prefill_s:.0f} tok/s, "
-              f"{len(answer)} answer tokens at {len(answer) / max(decode_s, 1e-9):.1f} tok/s)")
+def document_text(tokenizer: Tokenizer, document: Path, tokens: int) -> str:
+    """The first `tokens` tokens of `document`, as text."""
+    return tokenizer.decode(tokenizer.encode(document.read_text(encoding="utf-8")[: tokens * 8])[:tokens])
 
 
-def _report(stats: dict) -> None:
-    store = stats["store"]
-    print(f"\nsession: {stats['tokens']} tokens; prefill {stats['prefill_tokens_per_s']:.0f} tok/s, "
-          f"decode {stats['decode_tokens_per_s']:.1f} tok/s; reused {stats['reused_tokens']}, computed "
-          f"{stats['computed_tokens']}, recomputed {stats['recomputed_tokens']} tokens")
-    table = Table(box=None, header_style="bold")
+def turn_prompt(tokenizer: Tokenizer, text: str, question: str, first: bool) -> list[int]:
+    """The tokens of one turn: the system prompt, document and question on the first turn; after
+    that the question, closing the previous answer (cut before its end-of-turn marker) first."""
+    if first:
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{text}\n\n{question}"}]
+        return tokenizer.apply_chat_template(messages)
+    return tokenizer.encode("<|im_end|>\n") + tokenizer.apply_chat_template([{"role": "user", "content": question}])
+
+
+def tier_table(store: dict, title: str | None = None) -> Table:
+    """A store's tiers (TieredStore.stats()): blocks, occupancy, traffic, hits, evictions."""
+    table = Table(box=None, header_style="bold", title=title, title_justify="left")
     for column in ("tier", "blocks", "used MiB", "cap MiB", "in MiB", "out MiB", "hits", "hit rate", "evicted"):
         table.add_column(column, justify="right")
     reads = sum(tier["hits"] for tier in store["tiers"].values())
@@ -147,6 +123,47 @@ def _report(stats: dict) -> None:
         table.add_row(name, str(tier["blocks"]), f"{tier['used_bytes'] / 2**20:.1f}", f"{tier['capacity_bytes'] / 2**20:.0f}",
                       f"{tier['bytes_in'] / 2**20:.1f}", f"{tier['bytes_out'] / 2**20:.1f}", str(tier["hits"]),
                       f"{rate:.1%}", str(tier["evictions"]))
-    print_table(table)
-    print(f"written through to disk: {store['write_through_blocks']} sealed blocks "
-          f"({store['write_through_bytes'] / 2**20:.1f} MiB)")
+    return table
+
+
+def _run_in_process(args: argparse.Namespace, text: str, questions: list[str], scratch: str) -> int:
+    """One session on a SessionWorker in this process; it streams each answer as it comes."""
+    from ..worker import SessionWorker
+
+    worker = SessionWorker(args.model, store_config(args, args.disk_dir or Path(scratch) / "kv"))
+    try:
+        if args.resume is not None:
+            session_id = args.resume
+            print(f"resuming session {session_id} ({worker.resume(session_id)} tokens)")
+        else:
+            session_id = worker.open(uuid.uuid4().hex, **session_options(args))
+        tokenizer = worker.model.tokenizer
+        for turn, question in enumerate(questions):
+            prompt = turn_prompt(tokenizer, text, question, first=turn == 0 and args.resume is None)
+            start_s = time.perf_counter()
+            worker.extend(session_id, prompt)
+            prefill_s = time.perf_counter() - start_s
+            print(f"\n[turn {turn + 1}] {question}")
+            print("  > ", end="", flush=True)
+            answer: list[int] = []
+            start_s = time.perf_counter()
+            for token in worker.stream(session_id, args.max_new_tokens):
+                answer.append(token)
+                print(tokenizer.decode([token]), end="", flush=True)
+            decode_s = time.perf_counter() - start_s
+            print(f"\n  ({len(prompt)} prompt tokens at {len(prompt) / prefill_s:.0f} tok/s, "
+                  f"{len(answer)} answer tokens at {len(answer) / max(decode_s, 1e-9):.1f} tok/s)")
+        stats = worker.stats(session_id)
+        print(f"\nsession: {stats['tokens']} tokens; prefill {stats['prefill_tokens_per_s']:.0f} tok/s, "
+              f"decode {stats['decode_tokens_per_s']:.1f} tok/s; reused {stats['reused_tokens']}, computed "
+              f"{stats['computed_tokens']}, recomputed {stats['recomputed_tokens']} tokens")
+        print_table(tier_table(stats["store"]))
+        store = stats["store"]
+        print(f"written through to disk: {store['write_through_blocks']} sealed blocks "
+              f"({store['write_through_bytes'] / 2**20:.1f} MiB)")
+        if args.disk_dir is not None:
+            worker.save(session_id)
+            print(f"\nsaved; continue with: tiered run --no-ray --resume {session_id} --disk-dir {args.disk_dir}")
+    finally:
+        worker.shutdown()
+    return 0

@@ -4,7 +4,7 @@ from .backend import AttentionBackend
 from .config import ModelConfig
 from .dense import DenseKV
 from .llama import Model
-from .load import MODELS, load_model
+from .load import MODELS, load_header, load_model
 from .tokenizer import Tokenizer
 
-__all__ = ["MODELS", "AttentionBackend", "DenseKV", "Model", "ModelConfig", "Tokenizer", "load_model"]
+__all__ = ["MODELS", "AttentionBackend", "DenseKV", "Model", "ModelConfig", "Tokenizer", "load_header", "load_model"]

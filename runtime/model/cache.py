@@ -57,13 +57,33 @@ def load_cached(digest: str) -> Checkpoint | None:
         tensors = load_file(str(path))
         if metadata["digest"] != digest or metadata["checksum"] != _checksum(tensors):
             raise ValueError("checksum mismatch")
-        fields = json.loads(metadata["config"])
-        config = ModelConfig(**{**fields, "rope_params": tuple(tuple(pair) for pair in fields["rope_params"])})
+        config = _config(metadata)
         tokenizer = Tokenizer.from_json(metadata["tokenizer"])
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
         warnings.warn(f"ignoring unreadable weight cache entry {path}: {error}", stacklevel=2)
         return None
     return Checkpoint(config, tensors, tokenizer, digest)
+
+
+def load_cached_header(digest: str) -> tuple[ModelConfig, Tokenizer] | None:
+    """The config and tokenizer of the cached checkpoint of `digest`, without reading its tensors
+    (their checksum is checked when the weights are loaded); None on a miss."""
+    path = entry_path(digest)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata()
+        if metadata["digest"] != digest:
+            return None
+        return _config(metadata), Tokenizer.from_json(metadata["tokenizer"])
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        return None
+
+
+def _config(metadata: dict) -> ModelConfig:
+    fields = json.loads(metadata["config"])
+    return ModelConfig(**{**fields, "rope_params": tuple(tuple(pair) for pair in fields["rope_params"])})
 
 
 def store_cached(checkpoint: Checkpoint) -> Path | None:

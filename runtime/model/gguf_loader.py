@@ -12,7 +12,7 @@ import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from .cache import load_cached, store_cached
+from .cache import load_cached, load_cached_header, store_cached
 from .checkpoint import Checkpoint, check_tensors
 from .config import ModelConfig
 from .tokenizer import Tokenizer
@@ -63,15 +63,19 @@ def load_gguf(path: Path) -> Checkpoint:
     return checkpoint
 
 
+def read_gguf_header(path: Path) -> tuple[ModelConfig, Tokenizer]:
+    """The model's config and tokenizer (from the weight cache, else the file's metadata), without
+    reading its tensors."""
+    cached = load_cached_header(file_digest(Path(path)))
+    if cached is not None:
+        return cached
+    _, config, metadata = _open(Path(path))
+    return config, Tokenizer.from_gguf_metadata(metadata)
+
+
 def read_gguf(path: Path, digest: str) -> Checkpoint:
     """Parse and dequantize the GGUF file at `path` (no cache)."""
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"{path} is not a readable GGUF file: {error}") from error
-    metadata = {name: field.contents() for name, field in reader.fields.items()}
-    names = {tensor.name for tensor in reader.tensors}
-    config = gguf_config(metadata, tie_word_embeddings="output.weight" not in names, source=str(path))
+    reader, config, metadata = _open(path)
     permuted = GGUF_ARCHITECTURES[config.architecture]
     tensors = {}
     for tensor in reader.tensors:
@@ -89,6 +93,17 @@ def read_gguf(path: Path, digest: str) -> Checkpoint:
         tensors[name] = torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: the file is memory-mapped
     tokenizer = Tokenizer.from_gguf_metadata(metadata)
     return Checkpoint(config, check_tensors(config, tensors, str(path)), tokenizer, digest)
+
+
+def _open(path: Path) -> tuple[GGUFReader, ModelConfig, dict]:
+    try:
+        reader = GGUFReader(path)  # memory-maps the file: tensors are read when touched
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path} is not a readable GGUF file: {error}") from error
+    metadata = {name: field.contents() for name, field in reader.fields.items()}
+    names = {tensor.name for tensor in reader.tensors}
+    config = gguf_config(metadata, tie_word_embeddings="output.weight" not in names, source=str(path))
+    return reader, config, metadata
 
 
 def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
-from .gguf_loader import load_gguf
+from .config import ModelConfig
+from .gguf_loader import load_gguf, read_gguf_header
 from .llama import DTYPES, Model
-from .safetensors_loader import load_hf_dir
+from .safetensors_loader import load_hf_dir, read_hf_header
+from .tokenizer import Tokenizer
 
 
 def smollm2_135m() -> Path:
@@ -46,6 +48,18 @@ def resolve(name_or_path: str | Path) -> Path:
         raise FileNotFoundError(f"no such model file or directory: {text}")
     raise ValueError(f"unknown model {text!r}; valid names: {sorted(MODELS)}, "
                      f"or a path to a .gguf file or a Hugging Face model directory")
+
+
+def load_header(name_or_path: str | Path = "smollm2-135m") -> tuple[ModelConfig, Tokenizer]:
+    """The config and tokenizer of a model (as load_model names it), without loading its weights:
+    what a driver needs to tokenize prompts and check lengths for replicas that hold the model.
+    The config's fingerprint is empty: it is a digest of the weights, which are not read."""
+    path = resolve(name_or_path)
+    if path.is_dir():
+        return read_hf_header(path)
+    if path.suffix == ".gguf":
+        return read_gguf_header(path)
+    raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
 
 
 def load_model(name_or_path: str | Path = "smollm2-135m", dtype: torch.dtype = torch.float32,

@@ -17,14 +17,18 @@ from .tokenizer import Tokenizer
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
+def read_hf_header(directory: Path) -> tuple[ModelConfig, Tokenizer]:
+    """The model's config and tokenizer from a Hugging Face directory, without reading its weights."""
+    directory = Path(directory)
+    hf_config, config = _read_config(directory)
+    return config, Tokenizer.from_hf_dir(directory, hf_config)
+
+
 def load_hf_dir(directory: Path) -> Checkpoint:
     """The checkpoint in a Hugging Face model directory."""
     directory = Path(directory)
+    hf_config, config = _read_config(directory)
     config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} has no config.json (expected a Hugging Face model directory)")
-    hf_config = json.loads(config_path.read_text())
-    config = hf_model_config(hf_config, str(directory))
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{directory} has no *.safetensors weights")
@@ -40,6 +44,14 @@ def load_hf_dir(directory: Path) -> Checkpoint:
             raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
     tokenizer = Tokenizer.from_hf_dir(directory, hf_config)
     return Checkpoint(config, check_tensors(config, tensors, str(directory)), tokenizer, digest.hexdigest())
+
+
+def _read_config(directory: Path) -> tuple[dict, ModelConfig]:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} has no config.json (expected a Hugging Face model directory)")
+    hf_config = json.loads(config_path.read_text())
+    return hf_config, hf_model_config(hf_config, str(directory))
 
 
 def hf_model_config(hf_config: dict, source: str) -> ModelConfig:

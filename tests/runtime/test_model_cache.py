@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -72,3 +74,25 @@ def test_unwritable_cache_still_loads(gguf_file, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="could not write the weight cache"):
         model = load_model(gguf_file)
     assert logits_of(model).shape == (30, 512)
+
+
+def test_load_header_reads_no_weights_and_matches_the_model(gguf_file, tmp_path, monkeypatch):
+    from runtime.model import load_header
+
+    from .tiny_models import write_hf_dir
+
+    text = "Good morrow, cousin.<|im_end|>"
+    config, tokenizer = load_header(gguf_file)  # no cache entry yet: from the file's metadata
+    assert not entry_path(file_digest(gguf_file)).exists()  # and nothing was dequantized for it
+    model = load_model(gguf_file)
+    assert config == dataclasses.replace(model.config, fingerprint="")  # the weights' digest is not read
+    assert tokenizer.encode(text) == model.tokenizer.encode(text)
+    forbid_dequantizing(monkeypatch)
+    monkeypatch.setattr(gguf_loader, "_open", lambda path: (_ for _ in ()).throw(AssertionError("file parsed")))
+    cached_config, cached_tokenizer = load_header(gguf_file)  # from the cache entry's metadata
+    assert cached_config == config and cached_tokenizer.encode(text) == tokenizer.encode(text)
+    directory = tmp_path / "hf"
+    write_hf_dir(directory, "llama", seed=1)
+    hf_config, hf_tokenizer = load_header(directory)
+    assert hf_config == dataclasses.replace(load_model(directory).config, fingerprint="")
+    assert hf_tokenizer.encode(text) == load_model(directory).tokenizer.encode(text)

@@ -1,14 +1,21 @@
-"""`tiered run`, the main job, end to end on a tiny model: in this process, and on a real local Ray worker."""
+"""`tiered run`, the main job, end to end on a tiny model: one session in this process, and two
+concurrent sessions over one document on a real local cluster of two replicas."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+import ray
+from ray import serve
 
 from runtime.cli import main as cli
+from tiered import StoreConfig
 
 from .tiny_models import write_hf_dir
+
+
+BLOCK = StoreConfig().block_tokens  # what `tiered run` stores blocks of
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +49,51 @@ def test_run_in_process(tiny_dir, tmp_path, capsys):
     check_report(capsys.readouterr().out)
 
 
-def test_run_on_a_local_ray_worker(tiny_dir, tmp_path, capsys):
-    import ray
+def session_rows(out: str) -> dict[str, list[str]]:
+    """The sessions table: name -> [replica, node, tokens, reused, computed, recomputed, prefill, decode, failovers]."""
+    lines = out.split("\nsessions")[1].split("\nreplica ")[0].splitlines()
+    return {line.split()[0]: line.split()[1:] for line in lines if re.match(r"\s*[A-Z] ", line)}
 
-    try:
-        assert cli(run_args(tiny_dir, tmp_path)) == 0
-        check_report(capsys.readouterr().out)
-    finally:
-        ray.shutdown()
+
+@pytest.fixture
+def local_ray():
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_run_on_a_local_cluster_reuses_the_document(tiny_dir, tmp_path, capsys, local_ray):
+    assert cli(run_args(tiny_dir, tmp_path)) == 0
+    out = capsys.readouterr().out
+    for name in "AB":
+        assert f"[{name} · turn 1]" in out and f"[{name} · turn 2]" in out
+    # B's first turn reads the same document: all of its full blocks come from A's
+    reused = [int(m) for m in re.findall(r"\[B · turn 1\][^\n]*\n[^\n]*\n\s*\((\d+) prompt tokens, (\d+) of them reused",
+                                         out)[0]]
+    assert reused[1] >= 2 * BLOCK, reused  # the system prompt and 120 document tokens fill 2 blocks
+    rows = session_rows(out)
+    assert set(rows) == {"A", "B"}
+    assert int(rows["A"][3]) == 0 and int(rows["B"][3]) == reused[1]
+    for row in rows.values():
+        assert int(row[2]) == int(row[3]) + int(row[4])  # every token reused or computed
+        assert re.fullmatch(r"[0-9a-z]+", row[0])  # the replica it ran on
+    assert len(re.findall(r"^replica [0-9a-z]+ \(\d sessions\)", out, flags=re.M)) == 2
+    assert "saved; continue with: tiered run --resume" in out
+
+
+def test_run_resumes_a_session_saved_by_the_cluster(tiny_dir, tmp_path, capsys, local_ray):
+    args = run_args(tiny_dir, tmp_path)
+    args[args.index("--context-tokens") + 1] = "60"  # room for the follow-up in the tiny model's 256 positions
+    assert cli(args + ["--sessions", "1"]) == 0
+    session_id = re.search(r"--resume (\w+)", capsys.readouterr().out).group(1)
+    serve.shutdown()
+    ray.shutdown()
+    held = len(list((tmp_path / "kv" / "blocks").rglob("*.blk")))
+    assert held > 0  # sealed blocks outlived the run, in the shared directory
+    assert cli(["run", "--model", str(tiny_dir), "--resume", session_id, "--disk-dir", str(tmp_path / "kv"),
+                "--max-new-tokens", "3", "--device-mib", "1", "--host-mib", "1", "--disk-mib", "8"]) == 0
+    out = capsys.readouterr().out
+    tokens = int(re.search(rf"resuming session {session_id} \((\d+) tokens\)", out).group(1))
+    row = session_rows(out)["A"]
+    assert int(row[3]) == min(tokens // BLOCK * BLOCK, tokens - 1)  # every full block from the shared tier
+

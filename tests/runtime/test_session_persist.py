@@ -162,7 +162,7 @@ def test_tiered_sessions_and_run_resume(tiny_dir, tmp_path, capsys):
             "--device-mib", "1", "--host-mib", "1", "--disk-mib", "8", "--disk-dir", str(tmp_path / "kv")]
     assert cli(args + ["--question", "Who?"]) == 0
     out = capsys.readouterr().out
-    session_id = out.split("tiered run --resume ")[1].split()[0]
+    session_id = out.split("--resume ")[1].split()[0]
     assert cli(["sessions", str(tmp_path / "kv")]) == 0
     listing = capsys.readouterr().out
     assert session_id in listing and "exact" in listing
