@@ -115,7 +115,8 @@ class StoreConfig:
         "sealed blocks are written through to it, stored in disk_codec, and any store configured with it "
         "can read what another wrote"))
     shared_bytes: Positive = field(default=64 * GiB, metadata=doc(
-        "the budget of this store's share of the shared directory"))
+        "the budget of the whole shared directory: past it, the least recently used blocks are deleted "
+        "(a deleted block is a miss, recomputed)"))
 
     def __post_init__(self) -> None:
         _check_schema(self)

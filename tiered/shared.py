@@ -9,9 +9,14 @@ immutable, so concurrent writers of one key write the same bytes and the last re
 of one store's own sequences live under `private/<store id>/` and are deleted when it closes.
 
 A store learns of blocks other stores wrote by asking (`lookup`), not by listing the directory:
-`keys()` yields only what this instance wrote or looked up. The tier never evicts (eviction of
-the shared directory is the operator's, by deleting files: a deleted block is a miss, then
-recomputed from the token log); `capacity_bytes` is the budget its users plan with.
+`keys()` yields only what this instance wrote or looked up.
+
+`capacity_bytes` bounds the whole directory. After every `capacity_bytes / TRIM_FRACTION` bytes
+it writes, an instance lists the directory and deletes the least recently used files (by
+modification time, which a read refreshes) until what is left fits; other instances trim the same
+way, so the directory stays within the budget of whichever is smallest, give or take what is
+written between trims. A deleted block is a miss for every store, recomputed from its token log,
+never wrong data; a file being read when it is deleted is read whole (POSIX keeps it while open).
 
 Another backend (an object store, Mooncake/LMCache-style remote memory) is one more file that
 keeps this contract: content keys global, put idempotent, get verified, lookup on demand.
@@ -37,15 +42,16 @@ from .disk.record import DTYPE_NAMES, RecordError, RecordHeader, pack_header, pa
 from .tier import Tier
 
 SUFFIX = ".blk"
+TRIM_FRACTION = 16  # trim after writing this fraction of the capacity
 
 
 class SharedTier(Tier):
     """root            the shared directory (created if absent)
-    capacity_bytes  the budget of this store's share of it
+    capacity_bytes  the budget of the whole directory (see the module docstring)
     codec           spec of the codec blocks are stored in; a block of another codec is a miss"""
 
     name = "shared"
-    evicts_itself = True  # never asks the eviction policy for room: see the module docstring
+    evicts_itself = True  # trims the directory by recency: see the module docstring
 
     def __init__(self, root: str | Path, capacity_bytes: int, codec: str = "raw") -> None:
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
@@ -60,6 +66,7 @@ class SharedTier(Tier):
         self._private.mkdir(parents=True, mode=0o700)
         self._sizes: dict[BlockKey, int] = {}  # keys this instance wrote or found -> file bytes
         self._tokens: dict[BlockKey, int] = {}
+        self._written_bytes = 0  # since the last trim
 
     def path_of(self, key: BlockKey) -> Path:
         """The file of `key`: under blocks/ for content keys, under this store's private/ otherwise."""
@@ -99,6 +106,7 @@ class SharedTier(Tier):
             self._forget(key)
             return None
         self._sizes[key], self._tokens[key] = header.length, header.shape[1]
+        _touch(path)  # recently used: the last to be trimmed
         array = np.frombuffer(payload, dtype=np.uint8).copy()
         return Encoded(codec=header.codec, dtype=header.dtype, shape=header.shape, payload=torch.from_numpy(array))
 
@@ -112,7 +120,45 @@ class SharedTier(Tier):
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(path, pack_header(header) + payload)
         self._sizes[key], self._tokens[key] = header.length, item.shape[1]
-        return []
+        self._written_bytes += header.length
+        if self._written_bytes * TRIM_FRACTION < self._capacity_bytes:
+            return []
+        return [gone for gone in self.trim() if gone != key]
+
+    def trim(self) -> list[BlockKey]:
+        """Delete the least recently used files of the directory until it fits in capacity_bytes;
+        returns the keys known to this instance that went (they are forgotten)."""
+        self._written_bytes = 0
+        files = []  # (mtime_ns, bytes, path) of every block file, any store's
+        for directory in [*sorted((self.root / "blocks").iterdir()), *sorted((self.root / "private").iterdir())]:
+            try:
+                entries = list(os.scandir(directory))
+            except (NotADirectoryError, FileNotFoundError):
+                continue
+            for entry in entries:
+                try:
+                    if entry.name.endswith(SUFFIX):
+                        status = entry.stat()
+                        files.append((status.st_mtime_ns, status.st_size, Path(entry.path)))
+                except FileNotFoundError:  # deleted meanwhile by another store
+                    continue
+        excess = sum(size for _, size, _ in files) - self._capacity_bytes
+        if excess <= 0:
+            return []
+        known = {self.path_of(key): key for key in self._sizes}
+        gone = []
+        for _, size, path in sorted(files):
+            if excess <= 0:
+                break
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            excess -= size
+            if path in known:
+                gone.append(known[path])
+                self._forget(known[path])
+        return gone
 
     def remove(self, key: BlockKey) -> bool:
         known = self._forget(key)
@@ -170,3 +216,10 @@ class SharedTier(Tier):
             return header
         except (OSError, RecordError):
             return None
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # deleted meanwhile, or a read-only mount: recency is then the writer's
+        pass

@@ -4,13 +4,15 @@ files are misses, never wrong data."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from tiered import BlockKey, KVBlock, StoreConfig, TieredStore
 from tiered.codecs import make_codec
 from tiered.content import content_key
-from tiered.shared import SharedTier
+from tiered.shared import SUFFIX, TRIM_FRACTION, SharedTier
 
 TOKENS = 16
 CONTENT = content_key(bytes(range(32)), layer=0, index=0)
@@ -127,3 +129,63 @@ def test_a_store_with_a_disk_and_a_shared_tier(tmp_path):
     without = TieredStore(StoreConfig(device="cpu", block_tokens=TOKENS))
     assert without.discover([CONTENT]) == 0
     without.close()
+
+
+def distinct(i: int):
+    return content_key(bytes([i]) * 32, layer=0, index=0)
+
+
+def directory_bytes(root) -> int:
+    return sum(path.stat().st_size for path in root.rglob(f"*{SUFFIX}"))
+
+
+def test_the_directory_is_trimmed_to_its_budget_least_recently_used_first(tmp_path):
+    probe = SharedTier(tmp_path / "probe", 1 << 20)
+    probe.put(distinct(0), encoded(0))
+    one_block = probe.path_of(distinct(0)).stat().st_size  # every block file here is this long
+    capacity = 10 * one_block
+    root = tmp_path / "shared"
+    writer, other = SharedTier(root, capacity), SharedTier(root, capacity)
+    for i in range(10):
+        writer.put(distinct(i), encoded(i))
+        os.utime(writer.path_of(distinct(i)), ns=(i * 10**9, i * 10**9))  # written a second apart
+    assert other.get(distinct(0)) is not None  # read by another store: now the most recent
+    dropped = []
+    for i in range(10, 40):
+        dropped += writer.put(distinct(i), encoded(i))
+        # within budget, give or take what is written between trims
+        assert directory_bytes(root) <= capacity + capacity // TRIM_FRACTION + one_block
+    writer.trim()
+    assert directory_bytes(root) <= capacity
+    assert distinct(0) in dropped or writer.path_of(distinct(0)).exists()
+    assert distinct(1) in dropped and not writer.path_of(distinct(1)).exists()  # the oldest unread went first
+    assert distinct(1) not in set(writer.keys())
+    assert writer.get(distinct(39)) is not None  # the newest stays
+    # a block another store trimmed is a miss for this one, and forgotten
+    assert other.get(distinct(1)) is None and distinct(1) not in set(other.keys())
+
+
+def test_a_store_over_a_trimmed_shared_directory_misses_never_reads_wrong_data(tmp_path):
+    # device and host hold 4 blocks of 2 KiB each: the rest live only in the shared directory
+    config = StoreConfig(device="cpu", device_bytes=1 << 13, host_bytes=1 << 13, shared_dir=str(tmp_path / "shared"),
+                         block_tokens=TOKENS, disk_write="through")
+    store = TieredStore(config)
+    try:
+        keys = [distinct(i) for i in range(64)]
+        for i, key in enumerate(keys):
+            store.put(BlockKey("s:one", 0, i), block(i))
+            store.seal(BlockKey("s:one", 0, i), key)
+        store.flush()
+        shared = SharedTier(tmp_path / "shared", 4 * (1 << 10))
+        shared.trim()  # another store with a small budget trims the directory
+        assert 0 < directory_bytes(tmp_path / "shared") <= 4 * (1 << 10)
+        misses = 0
+        for i, key in enumerate(keys):
+            got = store.get(key)
+            if got is None:
+                misses += 1
+                continue
+            assert torch.equal(got.keys, block(i).keys) and torch.equal(got.values, block(i).values)
+        assert 0 < misses < len(keys)
+    finally:
+        store.close()
