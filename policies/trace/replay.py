@@ -1,18 +1,21 @@
 """Replay: run importance estimators × prefetch policies × budgets over a trace, and measure them.
 
-For every budget and estimator, each step and layer goes as it would in the KV manager's
-sparse mode: the estimator scores the blocks from the query and the key bounds, select_blocks
-keeps sinks + window + top-k within the budget, attention runs over the kept blocks, and the
-estimator is updated with what that attention saw (`feedback="kept"`: softmax over the kept
-tokens only, as sparse attention computes it; `"all"`: the full attention, as exact mode
-computes it). The first `trace.observe_steps` steps (the prompt's tail) are not scored and
-always feed the full attention, as prefill computes it.
+For every budget and estimator, each step and layer goes through `sparse_step`, the KV
+manager's sparse step (runtime/kv/sparse.py) on a trace: the estimator scores the blocks from
+the query and the key bounds, `select_per_head` keeps, per KV head, the sinks + window + that
+head's own top-k within the budget, each head's queries attend over their KV head's kept blocks,
+and the estimator is updated with what that attention saw (`feedback="kept"`: softmax over each
+head's kept tokens only, as sparse attention computes it; `"all"`: the full attention, as exact
+mode computes it). A trace block is the runtime's selection grain, its page. The first
+`trace.observe_steps` steps (the prompt's tail) are not scored and always feed the full
+attention, as prefill computes it.
 
 Measures, averaged over scored steps and layers:
-- mass_recall  the true attention mass (trace.block_mass) of the kept blocks, averaged over heads;
-- topk_recall  the fraction of the best possible selection (sinks + window + the blocks of
-               highest true mass, same budget) that was kept; the oracle scores 1.0;
-- hit_rate     the fraction of kept blocks already on the device when attention needed them.
+- mass_recall  the true attention mass (trace.block_mass) each head's kept blocks hold, averaged over heads;
+- topk_recall  the fraction of the best possible selection (per KV head: sinks + window + the
+               blocks of highest true mass of its group, same budget) that was kept; the oracle scores 1.0;
+- hit_rate     the fraction of read blocks (the union of the heads' kept blocks, as the runtime
+               reads them) already on the device when attention needed them.
                The device holds, per layer, what attention read last time plus what the prefetch
                policy requested since (a block requested before the attention that reads it is in
                time); the newest block was just written there;
@@ -31,8 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..importance import IMPORTANCE, ImportanceEstimator, make_importance
-from ..importance.base import mass_shares
-from ..importance.select import select_blocks
+from ..importance.select import select_per_head
 from ..importance.tensors import group_heads
 from ..prefetch import PREFETCH, PrefetchView, make_prefetch
 from .format import Trace
@@ -103,7 +105,7 @@ class _Frame:
     key_max: torch.Tensor
     logits: torch.Tensor  # [heads, tokens]
     mass: torch.Tensor  # [heads, blocks], recorded
-    truth_scores: torch.Tensor  # [blocks], blocks ranked by total true mass
+    truth_scores: torch.Tensor  # [kv_heads, blocks], each KV head's group's true mass, what the oracle ranks by
 
 
 @dataclass
@@ -152,26 +154,28 @@ def _replay(trace: Trace, config: ReplayConfig, progress: Callable[[int], None] 
 def _frame(trace: Trace, step: int, layer: int) -> _Frame:
     key_min, key_max = trace.key_bounds(step, layer)
     mass = trace.mass(step, layer)
-    truth = mass_shares(group_heads(mass, trace.kv_heads, "sum"))  # what the oracle ranks by
+    truth = group_heads(mass, trace.kv_heads, "sum")  # [kv_heads, blocks], what the oracle ranks by
     return _Frame(trace.query[step, layer].float(), key_min, key_max, trace.logits(step, layer), mass, truth)
 
 
 def _best_selections(
     trace: Trace, frames: list[list[_Frame]], budget: float, config: ReplayConfig
-) -> list[list[set[int]]]:
-    """Per step and layer, the blocks of highest true mass a selection at this budget can keep."""
+) -> list[list[torch.Tensor]]:
+    """Per step and layer, the blocks of highest true mass each KV head can keep at this budget:
+    [kv_heads, blocks] bool."""
     best = []
     for step in range(trace.steps):
         budget_blocks = math.ceil(budget * trace.blocks_at(step))
         best.append(
             [
-                set(
-                    select_blocks(
+                _as_mask(
+                    select_per_head(
                         frame.truth_scores,
                         budget_blocks=budget_blocks,
                         sink_blocks=config.sink_blocks,
                         window_blocks=config.window_blocks,
-                    ).tolist()
+                    ),
+                    frame.truth_scores.shape[1],
                 )
                 for frame in frames[step]
             ]
@@ -179,10 +183,47 @@ def _best_selections(
     return best
 
 
+def _as_mask(keep: torch.Tensor, blocks: int) -> torch.Tensor:
+    """[kv_heads, kept] indices -> [kv_heads, blocks] bool."""
+    mask = torch.zeros(keep.shape[0], blocks, dtype=torch.bool)
+    mask.scatter_(1, keep, True)
+    return mask
+
+
+def sparse_step(
+    estimator: ImportanceEstimator,
+    query: torch.Tensor,
+    key_min: torch.Tensor,
+    key_max: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    budget_blocks: int,
+    sink_blocks: int,
+    window_blocks: int,
+    kept_feedback: bool = True,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's decode step as runtime/kv/sparse.py takes it, on recorded tensors.
+
+    query [heads, head_dim]; key_min, key_max [blocks, kv_heads, head_dim] (a block here is the
+    runtime's page); logits [heads, tokens], scale · q·k. The estimator scores, select_per_head
+    chooses each KV head's blocks, and the estimator is updated with the attention of each head
+    over its KV head's kept tokens (`kept_feedback`) or over every token. `weights` is what an
+    estimator that `needs_weights` (oracle) scores by. Returns (keep [kv_heads, kept] ascending,
+    the scores [kv_heads, blocks] it chose from).
+    """
+    scores = estimator.score(query, key_min, key_max, weights=weights)  # [kv_heads, blocks]
+    keep = select_per_head(
+        scores.cpu(), budget_blocks=budget_blocks, sink_blocks=sink_blocks, window_blocks=window_blocks
+    )
+    estimator.update(query, _feedback(logits, keep, key_min.shape[0], estimator.block_tokens, kept_feedback))
+    return keep, scores
+
+
 def _run(
     trace: Trace,
     frames: list[list[_Frame]],
-    best_selections: list[list[set[int]]],
+    best_selections: list[list[torch.Tensor]],
     estimators: list[ImportanceEstimator],
     budget: float,
     config: ReplayConfig,
@@ -199,9 +240,12 @@ def _run(
         for layer in range(trace.layers):
             frame, estimator = frames[step][layer], estimators[layer]
             oracle_weights = _mass_as_weights(frame.mass, trace.block_tokens) if estimator.needs_weights else None
-            scores = estimator.score(frame.query, frame.key_min, frame.key_max, weights=oracle_weights)
-            keep = select_blocks(estimator.block_scores(scores), budget_blocks=budget_blocks, **protect)
-            needed = set(keep.tolist())
+            keep, _ = sparse_step(
+                estimator, frame.query, frame.key_min, frame.key_max, frame.logits,
+                budget_blocks=budget_blocks, **protect,
+                kept_feedback=scored and config.feedback == "kept", weights=oracle_weights,
+            )  # fmt: skip
+            needed = set(torch.unique(keep).tolist())  # the blocks the runtime reads: every head's, joined
             for name, tally in tallies.items():
                 on_device = resident[name][layer] | {blocks - 1}
                 hits = len(needed & on_device)
@@ -211,17 +255,15 @@ def _run(
                     tally.demand += len(needed) - hits
                 resident[name][layer] = set(needed)
             if scored:
-                best = best_selections[step][layer]
-                mass_recall = frame.mass[:, keep].sum().item() / frame.mass.shape[0]
-                topk_recall = len(needed & best) / len(best)
+                best = best_selections[step][layer]  # [kv_heads, blocks] bool
+                group = frame.mass.shape[0] // keep.shape[0]
+                mass_recall = frame.mass.gather(1, keep.repeat_interleave(group, 0)).sum().item() / frame.mass.shape[0]
+                topk_recall = best.gather(1, keep).sum().item() / best.sum().item()
                 for tally in tallies.values():
                     tally.mass += mass_recall
                     tally.topk += topk_recall
                     tally.frames += 1
                     tally.budget_blocks += budget_blocks
-            estimator.update(
-                frame.query, _feedback(frame, keep, trace.block_tokens, scored and config.feedback == "kept")
-            )
             next_scores = None
             if "topk" in policies:
                 next_scores = estimator.block_scores(
@@ -261,15 +303,17 @@ def _mass_as_weights(mass: torch.Tensor, block_tokens: int) -> torch.Tensor:
     return weights.view(heads, -1)
 
 
-def _feedback(frame: _Frame, keep: torch.Tensor, block_tokens: int, kept_only: bool) -> torch.Tensor:
-    """The attention weights [heads, tokens] the run sees: over every token, or over the kept blocks only."""
+def _feedback(
+    logits: torch.Tensor, keep: torch.Tensor, blocks: int, block_tokens: int, kept_only: bool
+) -> torch.Tensor:
+    """The attention weights [heads, tokens] a step sees: each head's over its KV head's kept
+    blocks (keep [kv_heads, kept]), or over every token."""
     if not kept_only:
-        return torch.softmax(frame.logits, -1)
-    tokens = frame.logits.shape[1]
-    kept = torch.zeros(frame.mass.shape[1], dtype=torch.bool)  # [blocks]
-    kept[keep] = True
-    visible = kept.repeat_interleave(block_tokens)[:tokens]  # [tokens]
-    return torch.softmax(frame.logits.masked_fill(~visible, float("-inf")), -1)
+        return torch.softmax(logits, -1)
+    heads, tokens = logits.shape
+    kept = _as_mask(keep, blocks)  # [kv_heads, blocks]
+    visible = kept.repeat_interleave(block_tokens, 1)[:, :tokens].repeat_interleave(heads // keep.shape[0], 0)
+    return torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)  # [heads, tokens]
 
 
 def _row(trace: Trace, config: ReplayConfig, importance: str, prefetch: str, budget: float, tally: _Tally) -> dict:
