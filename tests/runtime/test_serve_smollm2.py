@@ -42,7 +42,7 @@ def server(tmp_path_factory):
             assert process.poll() is None, f"tiered serve exited: {log_path.read_text()[-2000:]}"
             assert time.monotonic() < deadline_s, f"not healthy in time: {log_path.read_text()[-2000:]}"
             try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                if "serving" in log_path.read_text() and httpx.get(f"{url}/health", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -62,7 +62,9 @@ def test_a_conversation_with_the_default_model(server, smollm2):
     _, url, log_path = server
     assert f"serving '{MODEL}' on {url}/v1" in log_path.read_text()
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=240)
-    messages = [{"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+    messages = [{"role": "system", "content": "You are a helpful assistant. Answer briefly. You know geography: "
+                                              "countries, their capitals, rivers and famous buildings, and you "
+                                              "answer questions about them in one short sentence, without lists."},
                 {"role": "user", "content": "The capital of France is a city on the Seine. What is the capital of "
                                             "France, and name one famous building there?"}]
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
@@ -74,7 +76,8 @@ def test_a_conversation_with_the_default_model(server, smollm2):
     assert answer == expected and "Paris" in answer
     messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Italy?"}]
     again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
-    assert again.usage.prompt_tokens_details.cached_tokens >= len(prompt_ids) // BLOCK_TOKENS * BLOCK_TOKENS > 0
+    assert len(prompt_ids) >= BLOCK_TOKENS
+    assert again.usage.prompt_tokens_details.cached_tokens >= len(prompt_ids) // BLOCK_TOKENS * BLOCK_TOKENS
 
 
 def test_sigterm_stops_the_server(server):
