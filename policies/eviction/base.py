@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
@@ -22,17 +23,26 @@ class EvictionPolicy(ABC):
     and changes nothing: the store decides how many to take.
 
     A variant states only `priority` (lower leaves first). A variant whose priority never
-    decreases over the clock declares `monotone = True` and is kept in a plain ordered dict;
-    if a priority ever arrives out of order, the policy falls back to a sorted list.
+    decreases over the clock declares `monotone = True` and is kept in a plain ordered dict.
+    A variant whose priority is a tuple (group, ...) that never decreases within a group (LFU:
+    (hits, last use)) declares `grouped = True` and is kept in one ordered dict per group, the
+    groups in a heap. If a priority ever arrives out of order, the policy falls back to
+    one sorted list of every block. The order is the same either way: by priority, ties by arrival.
     """
 
     monotone: ClassVar[bool] = False
+    grouped: ClassVar[bool] = False
 
     # an OrderedDict: iterating a plain dict from the front slows as deletions there pile up
     _entries: dict[Hashable, tuple[Any, int]] = field(init=False, repr=False, default_factory=OrderedDict)
     _sorted: SortedList | None = field(init=False, repr=False, default=None)
     _top: Any = field(init=False, repr=False, default=None)
     _seq: int = field(init=False, repr=False, default=0)
+    _groups: dict[Any, OrderedDict] = field(init=False, repr=False, default_factory=dict)  # group -> keys, in order
+    _group_top: dict[Any, Any] = field(init=False, repr=False, default_factory=dict)  # group -> its last priority
+    # every live group, and some emptied ones, as a heap whose top is always live (or it is empty)
+    _group_heap: list = field(init=False, repr=False, default_factory=list)
+    _in_heap: set = field(init=False, repr=False, default_factory=set)
 
     @abstractmethod
     def priority(self, key: Hashable, stats: BlockStats) -> Any:
@@ -57,9 +67,19 @@ class EvictionPolicy(ABC):
 
     def candidates(self) -> Iterator[Hashable]:
         """Tracked keys, first to leave first. Iterate it before changing the policy again."""
-        if self._sorted is None:
-            return iter(self._entries)
-        return (key for _, _, key in self._sorted)
+        if self._sorted is not None:
+            return (key for _, _, key in self._sorted)
+        if self.grouped:
+            return self._grouped_candidates()
+        return iter(self._entries)
+
+    def _grouped_candidates(self) -> Iterator[Hashable]:
+        if not self._group_heap:
+            return
+        first, groups = self._group_heap[0], self._groups
+        yield from groups[first]
+        for group in sorted(g for g in groups if g != first):  # sorted only if asked past the lowest group
+            yield from groups[group]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -69,8 +89,17 @@ class EvictionPolicy(ABC):
 
     def _drop(self, key: Hashable) -> None:
         entry = self._entries.pop(key, None)
-        if entry is not None and self._sorted is not None:
+        if entry is None:
+            return
+        if self._sorted is not None:
             self._sorted.remove((entry[0], entry[1], key))
+        elif self.grouped:
+            group = entry[0][0]
+            members = self._groups[group]
+            del members[key]
+            if not members:
+                del self._groups[group], self._group_top[group]
+                self._forget_groups()
 
     def _add(self, key: Hashable, priority: Any) -> None:
         self._seq += 1
@@ -78,7 +107,32 @@ class EvictionPolicy(ABC):
             self._top = priority
             self._entries[key] = (priority, self._seq)
             return
+        if self._sorted is None and self.grouped:
+            group = priority[0]
+            top = self._group_top.get(group)
+            if top is None or priority >= top:
+                members = self._groups.get(group)
+                if members is None:
+                    members = self._groups[group] = OrderedDict()
+                    if group not in self._in_heap:
+                        heapq.heappush(self._group_heap, group)
+                        self._in_heap.add(group)
+                members[key] = None
+                self._group_top[group] = priority
+                self._entries[key] = (priority, self._seq)
+                return
         if self._sorted is None:
             self._sorted = SortedList((p, s, k) for k, (p, s) in self._entries.items())
+            self._groups.clear(), self._group_top.clear(), self._group_heap.clear(), self._in_heap.clear()
         self._entries[key] = (priority, self._seq)
         self._sorted.add((priority, self._seq, key))
+
+    def _forget_groups(self) -> None:
+        """Pop emptied groups off the heap's top; rebuild the heap when emptied ones pile up inside."""
+        heap, groups = self._group_heap, self._groups
+        while heap and heap[0] not in groups:
+            self._in_heap.discard(heapq.heappop(heap))
+        if len(heap) > 2 * len(groups) + 64:
+            heap[:] = groups
+            heapq.heapify(heap)
+            self._in_heap = set(heap)

@@ -24,8 +24,11 @@ from .base import EvictionPolicy
 
 def _sequence_of(key: Hashable) -> tuple[tuple[object, int], int] | None:
     """((namespace, layer), index) of a BlockKey-like key, or None for any other key."""
-    namespace, layer, index = (getattr(key, name, None) for name in ("namespace", "layer", "index"))
-    if namespace is None or not isinstance(layer, int) or not isinstance(index, int):
+    namespace = getattr(key, "namespace", None)
+    if namespace is None:  # most keys that are not BlockKeys stop here (the simulator's ints)
+        return None
+    layer, index = getattr(key, "layer", None), getattr(key, "index", None)
+    if not isinstance(layer, int) or not isinstance(index, int):
         return None
     return (namespace, layer), index
 
@@ -40,6 +43,8 @@ class ImportanceEviction(EvictionPolicy):
                    seen are protected; "newest" is the highest index tracked since the tier last
                    held no block of that sequence
     """
+
+    grouped = True  # (score, last use): within a score, last use only grows
 
     sink_blocks: int = 1
     window_blocks: int = 4
@@ -83,6 +88,11 @@ class ImportanceEviction(EvictionPolicy):
 
     def candidates(self) -> Iterator[Hashable]:
         """Unprotected keys by (score, last use), then protected keys in the same order."""
+        if not self._newest:  # no tracked key belongs to a sequence: none is protected
+            return super().candidates()
+        return self._protected_last()
+
+    def _protected_last(self) -> Iterator[Hashable]:
         protected = []
         for key in super().candidates():
             if self.is_protected(key):

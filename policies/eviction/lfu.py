@@ -11,5 +11,6 @@ from .base import EvictionPolicy
 
 @dataclass
 class LFU(EvictionPolicy):
+    grouped = True  # (hits, last use): within a hit count, last use only grows
     def priority(self, key: Hashable, stats: BlockStats) -> tuple[int, int]:
         return (stats.hits, stats.last_used_step)
