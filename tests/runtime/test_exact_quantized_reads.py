@@ -131,3 +131,31 @@ def test_session_greedy_tokens_equal_the_dequantizing_path(tiny, codec):
     # each attention agrees to ~1e-6 (the tests above); the random model amplifies that up to ~1e-2
     # in its prefill logits (|logits| up to ~6)
     torch.testing.assert_close(results[True][0], results[False][0], atol=3e-2, rtol=1e-3)
+
+
+# -- the default model: 25% of the KV on the device, the rest int8 in the host tier ---------------
+
+GENERATED_TOKENS = 512
+
+
+@pytest.mark.timeout(2400)  # ~10 minutes on a loaded 2-core VM
+def test_smollm2_quarter_on_device_int8_host_agrees_with_all_on_device(smollm2, shakespeare_prompt):
+    """Greedy decoding over 512 tokens: the tiered session, fed the all-on-device session's tokens
+    one at a time (so one early difference does not derail the rest), predicts the same next token
+    at >= 99% of the steps. Slow here (two 512-step decodes of the 135M model on a small CPU)."""
+    cfg = smollm2.config
+    total = len(shakespeare_prompt) + GENERATED_TOKENS
+    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * (total + 64 * cfg.num_layers)
+    device = StoreConfig(device="cpu", device_bytes=2 * kv_bytes, host_bytes=64 << 20, block_tokens=64)
+    tiered = StoreConfig(device="cpu", device_bytes=kv_bytes // 4, host_bytes=kv_bytes, block_tokens=64,
+                         host_codec="int8")
+    with Session(smollm2, device) as session:
+        session.extend(shakespeare_prompt)
+        expected = session.generate(GENERATED_TOKENS, stop=[])  # expected[i] predicted after expected[i - 1]
+    with Session(smollm2, tiered) as session:
+        agree = int(session.extend(shakespeare_prompt)[-1].argmax()) == expected[0]
+        for fed, wanted in zip(expected, expected[1:]):
+            agree += int(session.extend([fed])[-1].argmax()) == wanted
+        host = session.stats()["store"]["tiers"]["host"]["blocks"]
+    assert host >= cfg.num_layers * (total // 64) // 2  # most of the KV was read from the host tier
+    assert agree >= 0.99 * GENERATED_TOKENS, f"{agree}/{GENERATED_TOKENS} steps agree"

@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if !defined(TIERED_PORTABLE) && (defined(__AVX512F__) || defined(__F16C__))
+#if !defined(TIERED_PORTABLE) && (defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__))
 #include <immintrin.h>
 #endif
 
@@ -529,17 +529,49 @@ int64_t tiered_decode(int64_t begin, int64_t end, const int64_t *keys, const int
  * block-sized is made but the unpacked codes of one head of one block (bits < 8). Work is split
  * over KV heads [h_begin, h_end). Rows are copied into vectors of LANES padded with zeros. */
 
-INLINE vf loadf(const float *p) {
-    vf x;
+/* The attention loops use vectors of 8 floats: gcc keeps those in AVX2 registers, where a
+ * 16-lane vf accumulator would go through the stack on every iteration. */
+#define AL 8
+typedef float v8 __attribute__((vector_size(AL * 4)));
+typedef int32_t v8i __attribute__((vector_size(AL * 4)));
+typedef uint8_t v8b __attribute__((vector_size(AL)));
+#define AL_INDEX ((v8i){0, 1, 2, 3, 4, 5, 6, 7})
+
+INLINE v8 load8(const float *p) {
+    v8 x;
     memcpy(&x, p, sizeof x);
     return x;
 }
-INLINE void storef(float *p, vf x) { memcpy(p, &x, sizeof x); }
-INLINE float hsum(vf x) {
-    float s = 0.0f;
-    for (int k = 0; k < LANES; k++) s += x[k];
-    return s;
+INLINE void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
+INLINE v8 splat8(float x) { return (v8){0} + x; }
+INLINE v8 select8(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
+INLINE float hsum8(v8 x) {
+#if !defined(TIERED_PORTABLE) && defined(__AVX2__)
+    __m256 s;
+    memcpy(&s, &x, sizeof s);
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+#else
+    return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+#endif
 }
+
+/* e^x for the softmax weights (x <= 0): Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-6
+ * Taylor polynomial (relative error ~2e-7), times 2^n; 0 below -87 (and for -inf). */
+INLINE v8 vexp8(v8 x) {
+    const float magic = 12582912.0f; /* 1.5 · 2^23: adding it rounds to an integer */
+    v8i tiny = x < -87.0f;
+    x = select8(tiny, splat8(-87.0f), x);
+    v8 n = (x * 1.44269504f + magic) - magic;
+    v8 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+    v8 p = splat8(1.0f / 720.0f);
+    p = p * r + 1.0f / 120.0f, p = p * r + 1.0f / 24.0f, p = p * r + 1.0f / 6.0f, p = p * r + 0.5f;
+    p = p * r + 1.0f, p = p * r + 1.0f;
+    v8 two_n = (v8)((__builtin_convertvector(n, v8i) + 127) << 23);
+    return select8(tiny, splat8(0.0f), p * two_n);
+}
+
 INLINE float f16_scalar(uint16_t bits) { return f16_to_f32((vh){bits})[0]; }
 
 /* fp16 src[n] -> fp32 dst[padded], zeros past n. */
@@ -547,15 +579,26 @@ static void f16_row(const uint16_t *src, int64_t n, float *dst, int64_t padded) 
     for (int64_t i = 0; i < padded; i += LANES) {
         vh h = {0};
         if (i < n) memcpy(&h, src + i, (size_t)min64(LANES, n - i) * 2);
-        storef(dst + i, f16_to_f32(h));
+        { vf x = f16_to_f32(h); memcpy(dst + i, &x, sizeof x); }
     }
 }
 
 /* codes src[n] -> fp32 dst[padded], zeros past n. */
 INLINE void codes_row(const uint8_t *src, int64_t n, float *dst, int64_t padded) {
-    for (int64_t i = 0; i < padded; i += LANES) {
-        vu c = i < n ? load_codes(src + i, min64(LANES, n - i)) : usplat(0);
-        storef(dst + i, __builtin_convertvector(c, vf));
+    for (int64_t i = 0; i < padded; i += AL) {
+        v8b b = {0};
+        if (i + AL <= n)
+            memcpy(&b, src + i, AL);
+        else if (i < n)
+            memcpy(&b, src + i, (size_t)(n - i));
+#if !defined(TIERED_PORTABLE) && defined(__AVX2__) /* gcc widens bytes one by one */
+        __m128i bytes = _mm_cvtsi64_si128(0);
+        memcpy(&bytes, &b, AL);
+        __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+        memcpy(dst + i, &x, sizeof x);
+#else
+        store8(dst + i, __builtin_convertvector(__builtin_convertvector(b, v8i), v8));
+#endif
     }
 }
 
@@ -582,14 +625,16 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
                       const int64_t *starts, const int64_t *offs, int bits, int64_t G, float *out, float *lse) {
     int64_t Dp = (D + LANES - 1) / LANES * LANES, ngv = (D + G - 1) / G, tmax = 1;
     for (int64_t b = 0; b < nblocks; b++) tmax = tokens[b] > tmax ? tokens[b] : tmax;
+    int64_t tcodes = tmax;
+    tmax = (tmax + LANES - 1) / LANES * LANES; /* score rows padded to whole vectors */
     size_t floats = (size_t)(3 * R * Dp + R * ngv + 3 * R + R * tmax + 4 * Dp + 2 * ngv);
     float *mem = malloc(sizeof(float) * floats);
-    uint8_t *scratch = bits < 8 ? malloc((size_t)(tmax * D)) : NULL;
+    uint8_t *scratch = bits < 8 ? malloc((size_t)(tcodes * D)) : NULL;
     if (mem == NULL || (bits < 8 && scratch == NULL)) return free(mem), free(scratch), -1;
     float *qh = mem, *qs = qh + R * Dp, *acc = qs + R * Dp, *zsum = acc + R * Dp, *qz = zsum + R * ngv;
     float *m = qz + R, *l = m + R, *s = l + R, *cf = s + R * tmax, *kmin = cf + Dp, *kscale = kmin + Dp;
     float *lane_scale = kscale + Dp, *vs = lane_scale + Dp, *vm = vs + ngv; /* vs, vm: one token's value params */
-    int whole = G % LANES == 0; /* every vector of a row lies in one value group */
+    int whole = G % AL == 0; /* every vector of a row lies in one value group */
     for (int64_t h = h_begin; h < h_end; h++) {
         memset(qh, 0, sizeof(float) * (size_t)(R * Dp));
         for (int64_t r = 0; r < R; r++) memcpy(qh + r * Dp, q + (h * R + r) * D, sizeof(float) * (size_t)D);
@@ -605,20 +650,20 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
                 f16_row((const uint16_t *)(p + o[0]) + (h * ng + g) * D, D, kmin, Dp);
                 f16_row((const uint16_t *)(p + o[1]) + (h * ng + g) * D, D, kscale, Dp);
                 for (int64_t r = 0; r < R; r++) {
-                    vf z = splat(0.0f);
-                    for (int64_t i = 0; i < Dp; i += LANES) {
-                        vf x = loadf(qh + r * Dp + i);
-                        storef(qs + r * Dp + i, x * loadf(kscale + i));
-                        z += x * loadf(kmin + i);
+                    v8 z = splat8(0.0f);
+                    for (int64_t i = 0; i < Dp; i += AL) {
+                        v8 x = load8(qh + r * Dp + i);
+                        store8(qs + r * Dp + i, x * load8(kscale + i));
+                        z += x * load8(kmin + i);
                     }
-                    qz[r] = hsum(z);
+                    qz[r] = hsum8(z);
                 }
                 for (int64_t t = g * G, end = min64(T, t + G); t < end; t++) {
                     codes_row(kc + t * D, D, cf, Dp);
                     for (int64_t r = 0; r < R; r++) {
-                        vf dot = splat(0.0f);
-                        for (int64_t i = 0; i < Dp; i += LANES) dot += loadf(qs + r * Dp + i) * loadf(cf + i);
-                        s[r * tmax + t] = qz[r] + hsum(dot);
+                        v8 dot = splat8(0.0f);
+                        for (int64_t i = 0; i < Dp; i += AL) dot += load8(qs + r * Dp + i) * load8(cf + i);
+                        s[r * tmax + t] = qz[r] + hsum8(dot);
                     }
                 }
             }
@@ -635,11 +680,17 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
                 }
                 float top = best > m[r] ? best : m[r], alpha = expf(m[r] - top), sum = 0.0f;
                 if (alpha != 1.0f) {
-                    for (int64_t i = 0; i < Dp; i += LANES) storef(acc + r * Dp + i, loadf(acc + r * Dp + i) * alpha);
+                    for (int64_t i = 0; i < Dp; i += AL) store8(acc + r * Dp + i, load8(acc + r * Dp + i) * alpha);
                     for (int64_t c = 0; c < ngv; c++) zsum[r * ngv + c] *= alpha;
                     l[r] *= alpha;
                 }
-                for (int64_t t = 0; t < T; t++) sr[t] = expf(sr[t] - top), sum += sr[t];
+                v8 total = splat8(0.0f);
+                for (int64_t t = 0; t < T; t += AL) {
+                    v8 e = select8(AL_INDEX < (int)(T - t), vexp8(load8(sr + t) - top), splat8(0.0f));
+                    store8(sr + t, e);
+                    total += e;
+                }
+                sum = hsum8(total);
                 m[r] = top, l[r] += sum;
             }
             /* values */
@@ -655,9 +706,15 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
                     float pt = s[r * tmax + t];
                     if (pt == 0.0f) continue;
                     float *ar = acc + r * Dp;
-                    for (int64_t i = 0; i < Dp; i += LANES) {
-                        vf w = whole ? splat(pt * vs[i / G]) : splat(pt) * loadf(lane_scale + i);
-                        storef(ar + i, loadf(ar + i) + w * loadf(cf + i));
+                    if (whole) { /* one weight per value group */
+                        for (int64_t c = 0; c < ngv; c++) {
+                            v8 w = splat8(pt * vs[c]);
+                            for (int64_t i = c * G, end = min64(Dp, i + G); i < end; i += AL)
+                                store8(ar + i, load8(ar + i) + w * load8(cf + i));
+                        }
+                    } else {
+                        for (int64_t i = 0; i < Dp; i += AL)
+                            store8(ar + i, load8(ar + i) + splat8(pt) * load8(lane_scale + i) * load8(cf + i));
                     }
                     for (int64_t c = 0; c < ngv; c++) zsum[r * ngv + c] += pt * vm[c];
                 }
