@@ -11,6 +11,7 @@ its own `tiered serve` (SmolLM2-135M by default) on 127.0.0.1 and stops it after
     python benchmarks/bench_serve.py                           # 4 users x 3 rounds, 512-token document
     python benchmarks/bench_serve.py --users 8 --rounds 4 --doc-tokens 2048 --workers 2
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --modes reuse   # an already running server
+    python benchmarks/bench_serve.py --plot ttft.png --plot-from run1.json run2.json run3.json   # medians of runs
 """
 
 from __future__ import annotations
@@ -150,6 +151,33 @@ def report(mode: str, result: dict) -> None:
         print(f"  {round_:>5} {p50:>11} {p90:>11} {row['requests']:>9}")
 
 
+def median_per_round(runs: list[dict]) -> dict:
+    """mode -> round -> median over runs of the round's TTFT p50 (runs: the `results` of --json files)."""
+    out: dict = {}
+    for mode in ("reuse", "no-reuse"):
+        rounds = sorted({int(r) for run in runs if mode in run for r in run[mode]["per_round"]})
+        out[mode] = {r: statistics.median(run[mode]["per_round"][str(r) if str(r) in run[mode]["per_round"] else r]
+                                          ["ttft_p50_s"] for run in runs if mode in run) for r in rounds}
+    return {mode: rows for mode, rows in out.items() if rows}
+
+
+def plot(per_round: dict, path: str) -> None:
+    """TTFT p50 per round, one line per mode, on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for mode, rows in per_round.items():
+        ax.plot(list(rows), list(rows.values()), marker="o", label=mode)
+    ax.set(xlabel="round", ylabel="TTFT p50 (s)", yscale="log", title="tiered serve: time to first token per round")
+    ax.set_xticks(sorted({r for rows in per_round.values() for r in rows}))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -168,7 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-dir", default="/tmp", help="where the servers' logs go")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--plot", default=None, help="draw TTFT p50 per round into this PNG")
+    parser.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
+                        help="with --plot: draw the medians of these --json files instead of running")
     args = parser.parse_args(argv)
+    if args.plot_from:
+        if not args.plot:
+            parser.error("--plot-from needs --plot")
+        plot(median_per_round([json.loads(Path(f).read_text())["results"] for f in args.plot_from]), args.plot)
+        return 0
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in ("reuse", "no-reuse") for m in modes):
         parser.error("--modes takes reuse, no-reuse or both")
@@ -189,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         reuse, cold = results["reuse"]["ttft_p50_rounds_2plus_s"], results["no-reuse"]["ttft_p50_rounds_2plus_s"]
         if reuse and cold:
             print(f"\nTTFT p50 of rounds >= 2: {cold:.3f} s without reuse / {reuse:.3f} s with = {cold / reuse:.1f}x")
+    if args.plot:
+        plot(median_per_round([results]), args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     return 0 if all(r["errors"] == 0 for r in results.values()) else 1
