@@ -1,15 +1,26 @@
 """The cluster on this machine: aggregate tokens/s and time to first token (TTFT) per turn of
-concurrent conversations over a shared document, with prefix-aware routing against round-robin,
-for 1 and 2 replicas; and failover time (ray.kill of a session's replica -> its next token).
+concurrent multi-turn conversations, prefix- and session-aware routing against round-robin, for 1
+and 2 replicas; and failover time (ray.kill of a session's replica -> its next token).
 
-Each conversation: the document and a question, then --turns - 1 more questions, --new-tokens
-generated greedily after each. Conversations run concurrently (one thread each); a replica
-serves its sessions one call at a time, so with 2 cores the figures are bound by this machine's
-CPU: 2 replicas cannot beat 1 by more than the cores they get, and TTFT includes queueing
-behind other sessions' calls on the same replica.
+Each conversation: a document and a question, then --turns - 1 more questions, --new-tokens
+generated greedily after each; conversations run concurrently (one thread each). The documents
+are read once before the conversations start, so new sessions find them cached somewhere.
+
+    routing          how a turn reaches a replica
+    prefix-affinity  ours: a session's turns go to its replica (runtime.Cluster's handles); a new
+                     session goes where the longest prefix of its tokens is cached; shared tier on
+    round-robin      what a plain load balancer does in front of prefix-caching replicas: every
+                     turn is a new request carrying the whole conversation, sent to the next
+                     replica, which reuses what its own tiers hold and computes the rest; no
+                     shared tier (round-robin+shared: the same with a shared tier)
+
+--documents shared is the issue's workload (one document for all); `own` gives each
+conversation its own document, as in LMCache's multi-round QA. A replica serves one call at a
+time and the replicas share this machine's cores: the figures are bound by its CPU, and TTFT
+includes queueing behind other sessions' calls on the same replica.
 
     python benchmarks/bench_cluster.py                                  # SmolLM2-135M, 2K-token document, 8 x 3 turns
-    python benchmarks/bench_cluster.py --doc-tokens 512 --conversations 4 --replicas 2
+    python benchmarks/bench_cluster.py --doc-tokens 512 --conversations 4 --replicas 2 --documents own
 """
 
 from __future__ import annotations
@@ -24,17 +35,19 @@ from pathlib import Path
 
 import ray
 
-from runtime import Cluster, load_model
+from runtime import Cluster
 from runtime.actors import start_ray
+from runtime.model import load_header
 from tiered import StoreConfig
 
 
-def document(tokenizer, tokens: int) -> list[int]:
+def documents(tokenizer, tokens: int, count: int) -> list[list[int]]:
+    """`count` different documents of `tokens` tokens: consecutive stretches of the shipped text."""
     text = (Path(__file__).resolve().parents[1] / "runtime" / "data" / "tinyshakespeare.txt").read_text()
-    ids = tokenizer.encode(text[: tokens * 8])[:tokens]
-    if len(ids) < tokens:
-        raise SystemExit(f"the document has only {len(ids)} tokens")
-    return ids
+    ids = tokenizer.encode(text[: tokens * count * 8])
+    if len(ids) < tokens * count:
+        raise SystemExit(f"the text has only {len(ids)} tokens, not {tokens} x {count}")
+    return [ids[k * tokens : (k + 1) * tokens] for k in range(count)]
 
 
 def questions(tokenizer, k: int, turns: int, length: int) -> list[list[int]]:
@@ -45,40 +58,57 @@ def questions(tokenizer, k: int, turns: int, length: int) -> list[list[int]]:
     return out
 
 
-def converse(cluster: Cluster, doc: list[int], turns: list[list[int]], new_tokens: int) -> list[tuple[int, float, int]]:
-    """(turn, TTFT seconds, tokens processed) per turn of one conversation."""
-    session = cluster.open()
-    rows = []
+def converse(cluster: Cluster, doc: list[int], turns: list[list[int]], new_tokens: int,
+             stateless: bool) -> list[tuple[int, float, int]]:
+    """(turn, TTFT seconds, tokens processed) per turn of one conversation. `stateless`: every turn
+    is a new request with the whole conversation (a new session, closed after it)."""
+    rows, history = [], []
+    session = None if stateless else cluster.open()
     try:
         for turn, question in enumerate(turns):
             prompt = doc + question if turn == 0 else question
             start_s = time.perf_counter()
-            session.extend(prompt)
+            if stateless:
+                session = cluster.open()
+                session.extend(history + prompt)
+            else:
+                session.extend(prompt)
             tokens = session.stream(new_tokens)
             first = next(tokens, None)
             ttft_s = time.perf_counter() - start_s
-            generated = (first is not None) + sum(1 for _ in tokens)
-            rows.append((turn, ttft_s, len(prompt) + generated))
+            answer = [t for t in [first] if t is not None] + list(tokens)
+            history += prompt + answer
+            rows.append((turn, ttft_s, len(prompt) + len(answer)))
+            if stateless:
+                session.close()
     finally:
-        session.close()
+        if session is not None:
+            session.close()
     return rows
 
 
-def run(args, replicas: int, routing: str, model_tokenizer) -> dict:
-    doc = document(model_tokenizer, args.doc_tokens)
-    config = StoreConfig(device="cpu", block_tokens=args.block_tokens)
-    with tempfile.TemporaryDirectory(prefix="bench-cluster-") as shared, \
-            Cluster(model=args.model, workers=replicas, store_config=config, shared_dir=shared, routing=routing) as cluster:
-        warm = cluster.open()  # the document's first reader: its blocks are then cached on one replica
-        warm.extend(doc)
-        warm.close()
-        start_s = time.perf_counter()
-        with ThreadPoolExecutor(args.conversations) as pool:
-            results = list(pool.map(lambda k: converse(cluster, doc, questions(model_tokenizer, k, args.turns,
-                                                                               args.question_tokens), args.new_tokens),
-                                    range(args.conversations)))
-        wall_s = time.perf_counter() - start_s
-        failover_s = failover(cluster, doc, args) if replicas > 1 else None
+def run(args, replicas: int, routing: str, tokenizer) -> dict:
+    docs = documents(tokenizer, args.doc_tokens, args.conversations if args.documents == "own" else 1)
+    doc_of = [docs[k % len(docs)] for k in range(args.conversations)]
+    config = StoreConfig(device="cpu", block_tokens=args.block_tokens, device_bytes=args.device_mib << 20,
+                         host_bytes=args.host_mib << 20)
+    stateless = routing.startswith("round-robin")
+    with tempfile.TemporaryDirectory(prefix="bench-cluster-") as shared:
+        shared_dir = shared if routing != "round-robin" else None
+        with Cluster(model=args.model, workers=replicas, store_config=config, shared_dir=shared_dir,
+                     routing="round-robin" if stateless else routing) as cluster:
+            for doc in docs:  # each document's first reader: its blocks are then cached on a replica
+                warm = cluster.open()
+                warm.extend(doc)
+                warm.close()
+            start_s = time.perf_counter()
+            with ThreadPoolExecutor(args.conversations) as pool:
+                results = list(pool.map(
+                    lambda k: converse(cluster, doc_of[k], questions(tokenizer, k, args.turns, args.question_tokens),
+                                       args.new_tokens, stateless),
+                    range(args.conversations)))
+            wall_s = time.perf_counter() - start_s
+            failover_s = failover(cluster, docs[0], args) if replicas > 1 and not stateless else None
     rows = [row for conv in results for row in conv]
     per_turn = {t: statistics.median(ttft for turn, ttft, _ in rows if turn == t) for t in range(args.turns)}
     return {"replicas": replicas, "routing": routing, "tokens_per_s": sum(n for *_, n in rows) / wall_s,
@@ -107,14 +137,20 @@ def main() -> None:
     parser.add_argument("--question-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--block-tokens", type=int, default=64)
+    parser.add_argument("--device-mib", type=int, default=256, help="each replica's device tier")
+    parser.add_argument("--host-mib", type=int, default=256, help="each replica's host tier")
+    parser.add_argument("--documents", choices=("shared", "own"), default="shared",
+                        help="one document for all conversations, or one each")
     parser.add_argument("--replicas", default="1,2", help="comma-separated replica counts")
-    parser.add_argument("--routings", default="prefix-affinity,round-robin")
+    parser.add_argument("--routings", default="prefix-affinity,round-robin",
+                        help="prefix-affinity, round-robin, round-robin+shared (see the module docstring)")
     args = parser.parse_args()
-    tokenizer = load_model(args.model).tokenizer
+    _, tokenizer = load_header(args.model)
     start_ray("local")
     print(f"# {platform.processor() or platform.machine()}, {ray.cluster_resources().get('CPU', 0):g} CPUs; "
-          f"{args.model}; {args.conversations} conversations x {args.turns} turns over a {args.doc_tokens}-token document")
-    print(f"{'replicas':>8} {'routing':>16} {'tok/s':>8} " + " ".join(f"{f'ttft{t + 1} s':>9}" for t in range(args.turns))
+          f"{args.model}; {args.conversations} conversations x {args.turns} turns over {args.documents} "
+          f"{args.doc_tokens}-token documents")
+    print(f"{'replicas':>8} {'routing':>18} {'tok/s':>8} " + " ".join(f"{f'ttft{t + 1} s':>9}" for t in range(args.turns))
           + f" {'failover s':>10}")
     results = []
     for replicas in (int(r) for r in args.replicas.split(",")):
@@ -122,13 +158,13 @@ def main() -> None:
             r = run(args, replicas, routing, tokenizer)
             results.append(r)
             failover_s = "-" if r["failover_s"] is None else f"{r['failover_s']:.2f}"
-            print(f"{replicas:>8} {routing:>16} {r['tokens_per_s']:>8.0f} "
+            print(f"{replicas:>8} {routing:>18} {r['tokens_per_s']:>8.0f} "
                   + " ".join(f"{r['ttft_s'][t]:>9.3f}" for t in range(args.turns)) + f" {failover_s:>10}", flush=True)
-    for replicas in {r["replicas"] for r in results}:
+    for replicas in sorted({r["replicas"] for r in results}):
         by = {r["routing"]: r for r in results if r["replicas"] == replicas}
-        if {"prefix-affinity", "round-robin"} <= set(by):
-            speedups = [by["round-robin"]["ttft_s"][t] / by["prefix-affinity"]["ttft_s"][t] for t in range(args.turns)]
-            print(f"# {replicas} replicas: TTFT round-robin / prefix-affinity per turn: "
+        for baseline in (b for b in ("round-robin", "round-robin+shared") if b in by and "prefix-affinity" in by):
+            speedups = [by[baseline]["ttft_s"][t] / by["prefix-affinity"]["ttft_s"][t] for t in range(args.turns)]
+            print(f"# {replicas} replicas: TTFT {baseline} / prefix-affinity per turn: "
                   + ", ".join(f"{s:.1f}x" for s in speedups))
     print("# bound by this machine's CPUs: replicas share its cores; TTFT includes queueing behind other sessions")
     ray.shutdown()

@@ -41,7 +41,7 @@ def start_ray(
         return ray.get_runtime_context().gcs_address
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or "local"
-    options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     options.update(init_options)
     if address == "local":
         ray.init(address="local", num_cpus=num_cpus, **options)

@@ -94,8 +94,8 @@ def store_config(args: argparse.Namespace, disk_dir: Path) -> StoreConfig:
 
 
 def session_options(args: argparse.Namespace) -> dict:
-    return dict(mode=args.mode, budget_tokens=args.budget_tokens, importance=args.importance, prefetch=args.prefetch,
-                chunk_tokens=args.chunk_tokens)
+    return {"mode": args.mode, "budget_tokens": args.budget_tokens, "importance": args.importance,
+            "prefetch": args.prefetch, "chunk_tokens": args.chunk_tokens}
 
 
 def document_text(tokenizer: Tokenizer, document: Path, tokens: int) -> str:

@@ -14,7 +14,6 @@ from tiered import StoreConfig
 
 from .tiny_models import write_hf_dir
 
-
 BLOCK = StoreConfig().block_tokens  # what `tiered run` stores blocks of
 
 
@@ -77,7 +76,7 @@ def test_run_on_a_local_cluster_reuses_the_document(tiny_dir, tmp_path, capsys, 
     for row in rows.values():
         assert int(row[2]) == int(row[3]) + int(row[4])  # every token reused or computed
         assert re.fullmatch(r"[0-9a-z]+", row[0])  # the replica it ran on
-    assert len(re.findall(r"^replica [0-9a-z]+ \(\d sessions\)", out, flags=re.M)) == 2
+    assert len(re.findall(r"^replica [0-9a-z]+ \(\d sessions\)", out, flags=re.MULTILINE)) == 2
     assert "saved; continue with: tiered run --resume" in out
 
 
