@@ -168,6 +168,14 @@ def test_completions_equal_an_in_process_session(client, tiny_model):
     assert by_ids.choices[0].text == reply.choices[0].text
 
 
+def test_a_seed_makes_sampling_reproducible(client):
+    messages = user("BRUTUS: Mark'd you his lip and eyes?")
+    texts = [client.chat.completions.create(model=MODEL, messages=messages, temperature=1.0, seed=seed,
+                                            max_tokens=12).choices[0].message.content for seed in (5, 5, 6, 7)]
+    assert texts[0] == texts[1]
+    assert len(set(texts[1:])) > 1  # other seeds draw other tokens (12 tokens of a random model)
+
+
 def test_a_stop_string_ends_the_text_before_it(client):
     prompt = "MARCIUS: Thanks. What's the matter, you dissentious rogues"
     whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
