@@ -45,7 +45,7 @@ def question(user: int, round_: int) -> str:
 
 
 async def converse(client, model: str, user: int, doc: str, args, records: list, start_s: float) -> None:
-    """One user's rounds; a record per round: (round, TTFT s, prompt tokens, cached tokens, output tokens, ok)."""
+    """One user's rounds; a record per round: (round, TTFT s, prompt tokens, cached tokens, output tokens, ok, user)."""
     rng = random.Random(args.seed * 1000 + user)
     messages = [{"role": "system", "content": SYSTEM}]
     for round_ in range(args.rounds):
@@ -70,18 +70,22 @@ async def converse(client, model: str, user: int, doc: str, args, records: list,
             ok = False
         if ok:
             records.append((round_ + 1, ttft_s if ttft_s is not None else time.perf_counter() - sent_s,
-                            usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens, True))
+                            usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens, True,
+                            user))
         else:
-            records.append((round_ + 1, None, 0, 0, 0, False))
+            records.append((round_ + 1, None, 0, 0, 0, False, user))
         messages.append({"role": "assistant", "content": "".join(text)})
 
 
-async def load(url: str, model: str, api_key: str, args) -> dict:
+async def load(url: str, model: str, api_key: str, args, server_pid: int | None = None) -> dict:
     doc = document(args.doc_tokens * 4)  # about 4 characters per token of this text
     records: list = []
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=900) as client:
         start_s = time.perf_counter()
-        await asyncio.gather(*(converse(client, model, u, doc, args, records, start_s) for u in range(args.users)))
+        users = [converse(client, model, u, doc, args, records, start_s) for u in range(args.users)]
+        if args.kill_replica_after_s is not None and server_pid is not None:
+            users.append(kill_one_replica(server_pid, args.kill_replica_after_s))
+        await asyncio.gather(*users)
         wall_s = time.perf_counter() - start_s
     done = [r for r in records if r[5]]
     per_round = {}
@@ -90,7 +94,8 @@ async def load(url: str, model: str, api_key: str, args) -> dict:
         per_round[round_] = {"ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p90_s": _quantile(ttfts, 0.9), "requests": len(ttfts)}
     later = sorted(r[1] for r in done if r[0] >= 2)
     prompt, cached = sum(r[2] for r in done), sum(r[3] for r in done)
-    return {"per_round": per_round, "ttft_p50_rounds_2plus_s": _quantile(later, 0.5), "wall_s": wall_s,
+    failed_users = len({r[6] for r in records if not r[5]})
+    return {"failed_conversations": failed_users, "per_round": per_round, "ttft_p50_rounds_2plus_s": _quantile(later, 0.5), "wall_s": wall_s,
             "requests_per_s": len(done) / wall_s, "output_tokens_per_s": sum(r[4] for r in done) / wall_s,
             "cached_ratio": cached / prompt if prompt else 0.0, "prompt_tokens": prompt, "errors": len(records) - len(done)}
 
@@ -131,6 +136,32 @@ def start_server(args, no_reuse: bool) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"tiered serve did not become healthy; see {log.name}")
 
 
+def replica_pids(server_pid: int) -> list[int]:
+    """Processes of the server's SessionReplicas: Ray names them `ray::ServeReplica:tiered:SessionReplica`,
+    and they run in the session the server leads (only processes this benchmark started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if title.startswith("ray::ServeReplica:tiered:SessionReplica") and os.getsid(int(entry.name)) == server_pid:
+                pids.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return sorted(pids)
+
+
+async def kill_one_replica(server_pid: int, after_s: float) -> None:
+    await asyncio.sleep(after_s)
+    pids = replica_pids(server_pid)
+    if not pids:
+        print("  no replica process found to kill", file=sys.stderr)
+        return
+    os.kill(pids[0], signal.SIGKILL)
+    print(f"  killed replica process {pids[0]} at {after_s:.1f} s (of {len(pids)})", file=sys.stderr)
+
+
 def stop_server(server: subprocess.Popen) -> None:
     server.send_signal(signal.SIGTERM)
     try:
@@ -143,7 +174,7 @@ def stop_server(server: subprocess.Popen) -> None:
 def report(mode: str, result: dict) -> None:
     print(f"\n{mode}: {result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} output tok/s, "
           f"cached-token ratio {result['cached_ratio']:.1%} of {result['prompt_tokens']} prompt tokens, "
-          f"{result['errors']} errors, {result['wall_s']:.1f} s")
+          f"{result['errors']} errors ({result['failed_conversations']} conversations), {result['wall_s']:.1f} s")
     print(f"  {'round':>5} {'TTFT p50 s':>11} {'TTFT p90 s':>11} {'requests':>9}")
     for round_, row in result["per_round"].items():
         p50 = "-" if row["ttft_p50_s"] is None else f"{row['ttft_p50_s']:.3f}"
@@ -196,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-dir", default="/tmp", help="where the servers' logs go")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--kill-replica-after-s", type=float, default=None,
+                        help="SIGKILL one replica process of the server this many seconds into each run")
     parser.add_argument("--plot", default=None, help="draw TTFT p50 per round into this PNG")
     parser.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
                         help="with --plot: draw the medians of these --json files instead of running")
@@ -217,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             server, url = start_server(args, no_reuse=mode == "no-reuse")
             try:
-                results[mode] = asyncio.run(load(url, args.model, "bench", args))
+                results[mode] = asyncio.run(load(url, args.model, "bench", args, server.pid))
             finally:
                 stop_server(server)
         report(mode, results[mode])
