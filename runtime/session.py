@@ -26,6 +26,7 @@ from . import saved as saved_sessions
 from .kv import KVManager
 from .kv.manager import BlocksLost
 from .model import Model
+from .trace_recorder import TraceRecorder
 
 MAX_LOSSES = 8  # recomputations in one call before the store is declared too small to make progress
 OPTIONS = ("mode", "budget_tokens", "importance", "prefetch", "page_tokens", "sink_tokens", "window_tokens",
@@ -47,6 +48,10 @@ class Session:
     chunk_tokens   prefill chunk: longer inputs are computed this many tokens at a time
     cache_salt     a tenant's salt: blocks are shared only between sessions with the same salt
     session_id     1..128 letters, digits, '.', '_', '-'; a random one by default
+    recorder       a runtime.trace_recorder.TraceRecorder: each turn (an extend, then the
+                   generate or stream after it) becomes one request line, stamped when the
+                   extend began, with the store's block digests as hash_ids, ttft_s (the
+                   extend's seconds), reused_tokens and the session id
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class Session:
         dense_layers: int = 2,
         chunk_tokens: int = 512,
         cache_salt: str = "",
+        recorder: TraceRecorder | None = None,
     ) -> None:
         cfg = model.config
         session_id = saved_sessions.check_session_id(session_id or uuid.uuid4().hex)
@@ -87,6 +93,10 @@ class Session:
                             page_tokens=page_tokens, sink_tokens=sink_tokens, window_tokens=window_tokens,
                             dense_layers=dense_layers, chunk_tokens=chunk_tokens, cache_salt=cache_salt)
         try:
+            if recorder is not None and recorder.block_tokens != store.config.block_tokens:
+                raise ValueError(
+                    f"the recorder counts blocks of {recorder.block_tokens} tokens, the store {store.config.block_tokens}"
+                )
             self.kv = KVManager(
                 store, f"s:{session_id}", cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                 mode=mode, budget_tokens=budget_tokens, importance=importance, prefetch=prefetch,
@@ -102,6 +112,8 @@ class Session:
         self._timing = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
         self._counts = {"reused_tokens": 0, "computed_tokens": 0, "recomputed_tokens": 0}
         self._closed = False
+        self._recorder = recorder
+        self._turn: dict | None = None  # the turn being recorded: its request, until its output is known
 
     # -- the conversation -----------------------------------------------------------------------
 
@@ -114,12 +126,32 @@ class Session:
         computed, so m >= 1. If anything fails, the session is as it was before the call.
         """
         self._check_open()
+        if self._recorder is None:
+            return self._extend(token_ids)
+        self._end_turn(0)
+        arrival_s, reused = self._recorder.now_s(), self._counts["reused_tokens"]
+        logits = self._extend(token_ids)
+        block = self.store.config.block_tokens
+        self._turn = dict(
+            token_ids=list(self.tokens), arrival_s=arrival_s, block_digests=self._digests[: len(self.tokens) // block],
+            ttft_s=self._recorder.now_s() - arrival_s, reused_tokens=self._counts["reused_tokens"] - reused,
+        )
+        return logits
+
+    def _extend(self, token_ids: Iterable[int] | Tensor) -> Tensor:
         ids = _as_ids(token_ids).tolist()
         log = self.tokens + ids
         self._check_fits(len(log))
         logits = self._catch_up(log, len(self.tokens))
         self.tokens = log
         return logits
+
+    def _end_turn(self, output_tokens: int) -> None:
+        """Write the turn being recorded, with the tokens generated after its extend."""
+        turn, self._turn = self._turn, None
+        if turn is not None:
+            tokens = turn.pop("token_ids")
+            self._recorder.record(tokens, output_tokens, session=self.session_id, **turn)
 
     def stream(
         self,
@@ -146,12 +178,18 @@ class Session:
         if self._last_logits is None:  # resumed: compute the last token (again)
             self.kv.truncate(min(self.kv.tokens, len(self.tokens) - 1))
             self._catch_up(self.tokens, len(self.tokens) - 1)
-        for _ in range(max_new_tokens):
-            token = _choose(self._last_logits, temperature, generator)
-            if token in stops:
-                return
-            yield token
-            self.extend([token])
+        generated = 0
+        try:
+            for _ in range(max_new_tokens):
+                token = _choose(self._last_logits, temperature, generator)
+                if token in stops:
+                    return
+                yield token
+                self._extend([token])
+                generated += 1
+        finally:
+            if self._turn is not None:
+                self._end_turn(generated)
 
     def generate(
         self,
@@ -238,6 +276,8 @@ class Session:
             return
         self._closed = True
         try:
+            if self._recorder is not None:
+                self._end_turn(0)
             self.kv.release()
         finally:
             self._close_store()

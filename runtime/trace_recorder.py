@@ -85,6 +85,10 @@ class TraceRecorder:
             self.requests += 1
         return line
 
+    def now_s(self) -> float:
+        """The recorder's clock now (what `record`'s arrival_s is measured on)."""
+        return self._clock()
+
     def chain_ids(self, token_ids: Sequence[int]) -> list[int]:
         """Prefix-chained 63-bit ids of the full blocks of `token_ids`."""
         ids, parent = [], b""
