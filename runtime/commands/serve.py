@@ -7,52 +7,84 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from tiered import CODECS
 
 
+# option dest -> ServeSettings field (the rest have the field's name)
+FIELDS = {"api_key": "api_keys", "max_tokens": "default_max_tokens"}
+SETTING_OPTIONS = (
+    ("--model", str, "registered name, .gguf file or HF directory"),
+    ("--served-model-name", str, "the id clients send as `model` (default: --model)"),
+    ("--workers", int, "replicas (one per GPU when there are GPUs)"),
+    ("--device-mib", int, "device tier capacity of each replica"),
+    ("--host-mib", int, "host tier capacity of each replica"),
+    ("--disk-mib", int, "disk tier capacity of each replica (with --disk-dir)"),
+    ("--disk-dir", str, "disk tier directory, a subdirectory per replica (default: no disk tier)"),
+    ("--host-codec", str, f"one of {sorted(CODECS)}, or a spec such as int4:g32"),
+    ("--disk-codec", str, "as --host-codec"),
+    ("--eviction", str, "eviction policy name"),
+    ("--block-tokens", int, "tokens per KV block"),
+    ("--shared-dir", str, "the cluster's shared tier: a directory every node mounts"),
+    ("--max-tokens", int, "max_tokens of a request that sets none"),
+)
+
+
 def register(add_parser, name: str) -> None:
-    parser = add_parser(name, help="serve the model over an OpenAI-compatible HTTP API",
-                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="registered name, .gguf file or HF directory")
-    parser.add_argument("--served-model-name", default=None, help="the id clients send as `model` (default: --model)")
-    parser.add_argument("--workers", type=int, default=1, help="replicas (one per GPU when there are GPUs)")
-    parser.add_argument("--host", default="127.0.0.1", help="address the HTTP server listens on")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--device-mib", type=int, default=64, help="device tier capacity of each replica")
-    parser.add_argument("--host-mib", type=int, default=256, help="host tier capacity of each replica")
-    parser.add_argument("--disk-mib", type=int, default=1024, help="disk tier capacity of each replica")
-    parser.add_argument("--disk-dir", default=None, help="disk tier directory (default: none)")
-    parser.add_argument("--host-codec", default="int8", help=f"one of {sorted(CODECS)}, or a spec such as int4:g32")
-    parser.add_argument("--disk-codec", default="int8", help="as --host-codec")
-    parser.add_argument("--eviction", default="lru")
-    parser.add_argument("--block-tokens", type=int, default=64, help="tokens per KV block")
-    parser.add_argument("--shared-dir", default=None, help="the cluster's shared tier: a directory every node mounts")
+    from ..serve.settings import ServeSettings
+
+    parser = add_parser(name, help="serve the model over an OpenAI-compatible HTTP API", description=__doc__)
+    for option, kind, text in SETTING_OPTIONS:
+        dest = option[2:].replace("-", "_")
+        default = ServeSettings.model_fields[FIELDS.get(dest, dest)].default
+        parser.add_argument(option, type=kind, default=None, help=text + ("" if default is None else f" ({default})"))
     parser.add_argument("--api-key", action="append", default=None,
                         help="require 'Authorization: Bearer KEY' (repeat for more tenants; default: $TIERED_API_KEY)")
-    parser.add_argument("--no-reuse", action="store_true", help="never reuse cached prefixes (a benchmark baseline)")
-    parser.add_argument("--max-tokens", type=int, default=256, help="max_tokens of a request that sets none")
+    parser.add_argument("--no-reuse", action="store_true", default=None,
+                        help="never reuse cached prefixes (a benchmark baseline)")
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="YAML of runtime.serve.settings.ServeSettings fields; options given here override it")
+    parser.add_argument("--host", default="127.0.0.1", help="address the HTTP server listens on (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (8000)")
     parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     parser.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
+def settings_of(args: argparse.Namespace):
+    """The ServeSettings of the command line: --config's fields, then the options given. Raises
+    ValueError with one line naming the option (or the file's field) when one is wrong."""
     from ..serve.settings import ServeSettings
 
+    fields: dict = {}
+    if args.config is not None:
+        try:
+            fields = yaml.safe_load(args.config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ValueError(f"--config: cannot read {args.config}: {error}") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"--config: {args.config} must hold a mapping of settings, got {type(fields).__name__}")
+    options = {opt[2:].replace("-", "_") for opt, _, _ in SETTING_OPTIONS} | {"api_key", "no_reuse"}
+    given = {FIELDS.get(dest, dest): getattr(args, dest) for dest in options if getattr(args, dest) is not None}
     try:
-        settings = ServeSettings(
-            model=args.model, served_model_name=args.served_model_name, workers=args.workers,
-            device_mib=args.device_mib, host_mib=args.host_mib, disk_mib=args.disk_mib, disk_dir=args.disk_dir,
-            host_codec=args.host_codec, disk_codec=args.disk_codec, eviction=args.eviction,
-            block_tokens=args.block_tokens, shared_dir=args.shared_dir, api_keys=args.api_key or (),
-            no_reuse=args.no_reuse, default_max_tokens=args.max_tokens)
+        return ServeSettings(**{**fields, **given})
     except ValidationError as error:
         first = error.errors()[0]
-        option = "--" + str(first["loc"][0]).replace("_", "-") if first.get("loc") else "an option"
-        print(f"tiered serve: {option}: {first['msg']} (got {first.get('input')!r})")
+        field = str(first["loc"][0]) if first.get("loc") else ""
+        dest = next((d for d, f in FIELDS.items() if f == field), field)
+        where = f"--{dest.replace('_', '-')}" if field in given else f"--config: {field}"
+        raise ValueError(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_of(args)
+    except ValueError as error:
+        print(f"tiered serve: {error}")
         return 2
     if not 0 < args.port < 65536:
         print(f"tiered serve: --port must be in 1..65535, got {args.port}")

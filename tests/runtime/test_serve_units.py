@@ -91,3 +91,33 @@ def test_the_command_refuses_bad_options_in_one_line(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("tiered serve: --workers")
     assert "--host-codec" in lines[1] and "--port" in lines[2]
+
+
+def _serve_args(argv: list[str]):
+    from runtime.cli import build_parser
+
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_a_config_file_gives_settings_and_options_override_it(tmp_path):
+    from runtime.commands.serve import settings_of
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("workers: 3\nblock_tokens: 16\napi_keys: [a, b]\ncpus_per_worker: 0.5\n")
+    settings = settings_of(_serve_args(["--config", str(config), "--workers", "2", "--max-tokens", "9"]))
+    assert (settings.workers, settings.block_tokens, settings.api_keys) == (2, 16, ("a", "b"))
+    assert (settings.cpus_per_worker, settings.default_max_tokens, settings.no_reuse) == (0.5, 9, False)
+    assert settings_of(_serve_args(["--no-reuse"])).no_reuse is True
+
+
+def test_a_bad_config_file_is_one_line_naming_the_field(tmp_path, capsys):
+    config = tmp_path / "serve.yaml"
+    config.write_text("cpus_per_worker: -1\n")
+    assert tiered(["serve", "--config", str(config)]) == 2
+    assert tiered(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
+    config.write_text("- a list\n")
+    assert tiered(["serve", "--config", str(config)]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("tiered serve: --config: cpus_per_worker")
+    assert "missing.yaml" in lines[1] and "mapping" in lines[2]
