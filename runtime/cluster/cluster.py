@@ -22,6 +22,7 @@ import torch
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from policies.routing import RoutingPolicy, make_routing
 from tiered import StoreConfig
 
 from ..actors import start_ray
@@ -34,6 +35,19 @@ from .table import TABLES, RoutingTable
 
 SERVE_NAMESPACE = "serve"
 DEPLOYMENT = "SessionReplica"
+
+
+SHARED_MAX_IMBALANCE = 0  # sessions; prefix-affinity's default otherwise (policies.routing)
+
+
+def routing_policy(name: str, shared: bool) -> RoutingPolicy:
+    """The routing policy `name`. With a shared tier, prefix-affinity follows the longest prefix
+    only among the least loaded replicas (SHARED_MAX_IMBALANCE): a replica that lacks a prefix
+    locally reads it from the shared tier instead of computing it, and a replica serves one call at
+    a time, so stacking sessions on the holder costs more in queueing than it saves."""
+    if name == "prefix-affinity" and shared:
+        return make_routing(name, max_imbalance=SHARED_MAX_IMBALANCE)
+    return make_routing(name)
 
 
 def replica_deployment(workers: int, gpus: bool, cpus_per_worker: float, table_key: str, routing: str):
@@ -97,7 +111,7 @@ class Cluster:
                             ("cpus_per_worker", cpus_per_worker)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        self.table = RoutingTable(routing)  # validates the routing name
+        self.table = RoutingTable(routing_policy(routing, shared=shared_dir is not None))  # validates the name
         self.call_timeout_s, self.failover_timeout_s = float(call_timeout_s), float(failover_timeout_s)
         gpus = torch.cuda.device_count()
         device = "cuda" if gpus else "cpu"

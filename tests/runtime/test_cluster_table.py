@@ -69,3 +69,17 @@ def test_other_policies_by_name_and_bad_input():
         RoutingTable(3)
     with pytest.raises(ValueError, match="no replica"):
         RoutingTable().route("s", [])
+
+
+def test_with_a_shared_tier_affinity_follows_the_prefix_only_among_the_least_loaded():
+    from runtime.cluster.cluster import routing_policy
+
+    for shared, expected in ((False, ["a", "a", "a"]), (True, ["a", "b", "a"])):
+        table = RoutingTable(routing_policy("prefix-affinity", shared=shared))
+        table.record("reader", "a", DOC)  # "a" holds the document
+        table.forget("reader")
+        placed = []
+        for k in range(3):  # sessions over the document, each staying open
+            placed.append(table.route(f"s{k}", ["a", "b"], DOC, place=True))
+            table.record(f"s{k}", placed[-1], DOC)
+        assert placed == expected, shared
