@@ -12,6 +12,7 @@ One replica per GPU when GPUs exist (num_gpus=1, model and store on it), CPU rep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 import ray
 import torch
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve.config import RequestRouterConfig
 
 from policies.routing import RoutingPolicy, make_routing
@@ -192,12 +194,14 @@ class Cluster:
     def call(self, method: str, *args, **kwargs):
         """Call `method` of the replica the router picks, blocking up to call_timeout_s."""
         self._check_open()
-        return getattr(self._handle, method).remote(*args, **kwargs).result(timeout_s=self.call_timeout_s)
+        with _input_errors_unwrapped():
+            return getattr(self._handle, method).remote(*args, **kwargs).result(timeout_s=self.call_timeout_s)
 
     def stream(self, session_id: str, max_new_tokens: int, temperature: float, seed: int | None) -> Iterator[int]:
         self._check_open()
         handle = self._handle.options(method_name="stream", stream=True)
-        yield from handle.remote(session_id, max_new_tokens, temperature, seed)
+        with _input_errors_unwrapped():
+            yield from handle.remote(session_id, max_new_tokens, temperature, seed)
 
     def adopt(self, session_id: str, options: dict, tokens: list[int], block_hashes: list[str]) -> dict:
         identity = self.call("adopt", session_id, options, tokens, block_hashes=block_hashes)
@@ -235,3 +239,15 @@ class Cluster:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the cluster is shut down")
+
+
+@contextlib.contextmanager
+def _input_errors_unwrapped():
+    """A replica's ValueError, TypeError or KeyError (bad input, a missing session) reaches the
+    caller as itself, not wrapped in Ray's RayTaskError with the remote traceback in its message."""
+    try:
+        yield
+    except RayTaskError as error:
+        if isinstance(error.cause, (ValueError, TypeError, KeyError)):
+            raise error.cause from None
+        raise

@@ -165,6 +165,14 @@ def test_bad_arguments(tiny_dir):
         Cluster(model=str(tiny_dir), shared_dir=5)
 
 
+def test_a_replica_refusing_bad_input_raises_that_error_itself(cluster):
+    session = cluster.open()
+    with pytest.raises(ValueError, match="at most 256") as caught:
+        session.extend(prompt(30, 300))  # the tiny model holds 256 positions
+    assert type(caught.value) is ValueError and "Traceback" not in str(caught.value)
+    session.close()
+
+
 def scrape(deadline_s: float, wanted: tuple[str, ...]) -> dict[str, float]:
     """Sum of the values of each wanted metric at the Prometheus endpoints of Ray's nodes, polled
     until all are there or the deadline passes (metrics reach the endpoint periodically)."""
