@@ -159,10 +159,13 @@ class Session:
         temperature: float = 0.0,
         stop: Iterable[int] | None = None,
         seed: int | None = None,
+        top_p: float = 1.0,
     ) -> Iterator[int]:
         """Generate up to `max_new_tokens` tokens, yielding each as it is chosen.
 
-        temperature 0 is greedy; above 0, tokens are sampled (reproducibly with `seed`). Generation
+        temperature 0 is greedy; above 0, tokens are sampled (reproducibly with `seed`) from the
+        smallest set of most likely tokens whose probabilities add up to `top_p` (nucleus sampling;
+        1: from every token). Generation
         ends before a token in `stop` (default: the tokenizer's end-of-turn and end-of-text tokens),
         which is neither yielded nor added. Every yielded token is in the token log.
         """
@@ -171,6 +174,8 @@ class Session:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
         if not self.tokens:
             raise ValueError("generate needs a prompt: call extend() first")
         stops = set(stop_token_ids(self.model.tokenizer) if stop is None else stop)
@@ -181,7 +186,7 @@ class Session:
         generated = 0
         try:
             for _ in range(max_new_tokens):
-                token = _choose(self._last_logits, temperature, generator)
+                token = _choose(self._last_logits, temperature, generator, top_p)
                 if token in stops:
                     return
                 yield token
@@ -197,9 +202,10 @@ class Session:
         temperature: float = 0.0,
         stop: Iterable[int] | None = None,
         seed: int | None = None,
+        top_p: float = 1.0,
     ) -> list[int]:
         """The tokens stream() yields, as a list."""
-        return list(self.stream(max_new_tokens, temperature, stop, seed))
+        return list(self.stream(max_new_tokens, temperature, stop, seed, top_p))
 
     def stats(self) -> dict:
         """Tokens, prefill and decode speed, reuse, the KV manager's counters and the store's.
@@ -441,8 +447,12 @@ def _as_ids(token_ids: Iterable[int] | Tensor) -> Tensor:
     return ids
 
 
-def _choose(logits: Tensor, temperature: float, generator: torch.Generator | None) -> int:
+def _choose(logits: Tensor, temperature: float, generator: torch.Generator | None, top_p: float = 1.0) -> int:
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [vocab]
+    if top_p < 1:  # keep the most likely tokens until their mass reaches top_p (at least one)
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs >= top_p  # [vocab] bool
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(outside, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))

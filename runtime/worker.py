@@ -69,8 +69,9 @@ class SessionWorker:
         session.extend(token_ids)
         return len(session.tokens)
 
-    def stream(self, session_id: str, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Iterator[int]:
-        yield from self._session(session_id).stream(max_new_tokens, temperature, seed=seed)
+    def stream(self, session_id: str, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
+               top_p: float = 1.0) -> Iterator[int]:
+        yield from self._session(session_id).stream(max_new_tokens, temperature, seed=seed, top_p=top_p)
 
     def stats(self, session_id: str) -> dict:
         return self._session(session_id).stats()

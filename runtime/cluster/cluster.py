@@ -197,11 +197,12 @@ class Cluster:
         with _input_errors_unwrapped():
             return getattr(self._handle, method).remote(*args, **kwargs).result(timeout_s=self.call_timeout_s)
 
-    def stream(self, session_id: str, max_new_tokens: int, temperature: float, seed: int | None) -> Iterator[int]:
+    def stream(self, session_id: str, max_new_tokens: int, temperature: float, seed: int | None,
+               top_p: float = 1.0) -> Iterator[int]:
         self._check_open()
         handle = self._handle.options(method_name="stream", stream=True)
         with _input_errors_unwrapped():
-            yield from handle.remote(session_id, max_new_tokens, temperature, seed)
+            yield from handle.remote(session_id, max_new_tokens, temperature, seed, top_p)
 
     def adopt(self, session_id: str, options: dict, tokens: list[int], block_hashes: list[str]) -> dict:
         identity = self.call("adopt", session_id, options, tokens, block_hashes=block_hashes)

@@ -60,7 +60,8 @@ class ClusterSession:
         self.tokens += ids
         return held
 
-    def stream(self, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Iterator[int]:
+    def stream(self, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
+               top_p: float = 1.0) -> Iterator[int]:
         """Generate up to `max_new_tokens` tokens (greedy at temperature 0), yielding each; a
         replica lost midway is replaced and generation goes on (sampled runs then draw anew)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -74,7 +75,7 @@ class ClusterSession:
         deadline_s = time.monotonic() + self.cluster.failover_timeout_s
         while True:
             try:
-                for token in self.cluster.stream(self.session_id, max_new_tokens - produced, temperature, seed):
+                for token in self.cluster.stream(self.session_id, max_new_tokens - produced, temperature, seed, top_p):
                     self.tokens.append(token)
                     produced += 1
                     yield token
@@ -84,9 +85,10 @@ class ClusterSession:
                     raise
                 self._failover(self.tokens)
 
-    def generate(self, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None) -> list[int]:
+    def generate(self, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
+                 top_p: float = 1.0) -> list[int]:
         """The tokens stream() yields, as a list."""
-        return list(self.stream(max_new_tokens, temperature, seed))
+        return list(self.stream(max_new_tokens, temperature, seed, top_p))
 
     def stats(self) -> dict:
         """The session's statistics on its replica (runtime.Session.stats) with replica_id,

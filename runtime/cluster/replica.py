@@ -69,10 +69,11 @@ class SessionReplica:
             self._record(session_id, "extend", start_s)
             return held
 
-    def stream(self, session_id: str, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None) -> Iterator[int]:
+    def stream(self, session_id: str, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
+               top_p: float = 1.0) -> Iterator[int]:
         start_s = time.perf_counter()
         with self._lock:
-            tokens = self.worker.stream(self._check(session_id), max_new_tokens, temperature, seed)
+            tokens = self.worker.stream(self._check(session_id), max_new_tokens, temperature, seed, top_p)
         while True:
             with self._lock:
                 token = next(tokens, None)

@@ -207,7 +207,7 @@ class Ingress:
         with answering():
             max_tokens = self.engine.check_prompt(prompt_ids, body.max_tokens or self.settings.default_max_tokens)
         pin = request.headers.get(SESSION_HEADER) or body.user
-        return Generation(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=body.temperature, seed=body.seed,
+        return Generation(prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=body.temperature, seed=body.seed, top_p=body.top_p,
                           stop=body.stop_strings(), salt=tenant_salt(key, body.cache_salt), pin=pin)
 
     def _start(self, gen: Generation, outcome: Outcome) -> tuple[Iterator[str], str]:

@@ -51,10 +51,11 @@ class ReplicaBackend:
     def call(self, method: str, *args, **kwargs):
         return getattr(self._handle, method).remote(*args, **kwargs).result(timeout_s=self.call_timeout_s)
 
-    def stream(self, session_id: str, max_new_tokens: int, temperature: float, seed: int | None) -> Iterator[int]:
+    def stream(self, session_id: str, max_new_tokens: int, temperature: float, seed: int | None,
+               top_p: float = 1.0) -> Iterator[int]:
         """The replica's tokens; a consumer that stops early cancels the replica's generation."""
         tokens = self._handle.options(method_name="stream", stream=True).remote(
-            session_id, max_new_tokens, temperature, seed)
+            session_id, max_new_tokens, temperature, seed, top_p)
         finished = False
         try:
             yield from tokens

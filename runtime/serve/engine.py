@@ -36,6 +36,7 @@ class Generation:
     max_tokens: int
     temperature: float
     seed: int | None
+    top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     salt: str = ""  # the tenant's cache salt (tenant_salt)
     pin: str | None = None  # a session name: the conversation keeps one session
@@ -117,7 +118,7 @@ class Engine:
         answer: list[int] = []
         sent = 0  # characters of the answer text already yielded
         holdback = max((len(s) for s in gen.stop), default=1) - 1  # a stop string may be half-generated
-        for token in session.stream(gen.max_tokens, gen.temperature, gen.seed):
+        for token in session.stream(gen.max_tokens, gen.temperature, gen.seed, gen.top_p):
             answer.append(token)
             text = tokenizer.decode(answer)
             cut = min((i for i in (text.find(s, max(0, sent - holdback)) for s in gen.stop) if i >= 0), default=None)

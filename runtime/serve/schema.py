@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 
@@ -53,14 +53,6 @@ class _Sampling(_Request):
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     user: str | None = Field(None, max_length=256, description="pins the conversation to a session")
     cache_salt: str | None = Field(None, max_length=256, description="a tenant's salt of its cached blocks")
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, top_p: float, info: ValidationInfo) -> float:
-        if top_p < 1.0 and info.data.get("temperature", 1.0) > 0:
-            raise ValueError("top_p < 1 is not supported yet (sampling draws from the whole distribution): "
-                             "send top_p=1, or temperature=0 for greedy decoding")
-        return top_p
 
     @field_validator("stop")
     @classmethod

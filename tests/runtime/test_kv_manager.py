@@ -205,6 +205,27 @@ def test_sampling_is_reproducible_with_a_seed(tiny):
     assert outputs[0] == outputs[1] and len(outputs[0]) == 12
 
 
+def test_top_p_samples_only_from_the_nucleus(tiny):
+    from runtime.session import _choose
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.tensor([4.0, 3.0, 2.0, 0.0, -1.0])  # softmax: 0.64, 0.23, 0.09, 0.01, 0.004
+    drawn = {_choose(logits, 1.0, generator, top_p=0.8) for _ in range(300)}
+    assert drawn == {0, 1}  # 0.64 < 0.8 <= 0.64 + 0.23: the two most likely tokens
+    assert {_choose(logits, 1.0, generator, top_p=1e-6) for _ in range(50)} == {0}  # at least one token
+    assert len({_choose(logits, 1.0, generator, top_p=1.0) for _ in range(300)}) > 2
+    ids = prompt(tiny, 20)
+    with Session(tiny, store_config(tiny, device_blocks=1024)) as session:
+        session.extend(ids)
+        greedy = session.generate(6, stop=[])
+    with Session(tiny, store_config(tiny, device_blocks=1024)) as session:
+        session.extend(ids)
+        assert session.generate(6, temperature=1.0, seed=3, stop=[], top_p=1e-6) == greedy
+        for bad in (0, 1.5, -0.1, True):
+            with pytest.raises(ValueError, match="top_p"):
+                session.generate(1, temperature=1.0, top_p=bad)
+
+
 def test_kv_manager_rejects_positions_that_do_not_continue_the_sequence(tiny):
     cfg = tiny.config
     with TieredStore(store_config(tiny, device_blocks=64)) as store:

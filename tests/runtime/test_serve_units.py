@@ -49,12 +49,12 @@ def test_requests_validate_like_openai():
                                                                                       {"type": "text", "text": "b"}]}],
                                       max_completion_tokens=5, stop="x", stream_options={"include_usage": True})
     assert ok.messages[0].text() == "ab" and ok.max_tokens == 5 and ok.stop_strings() == ["x"] and ok.include_usage
-    for bad in (dict(messages=[]), dict(temperature=-1), dict(logprobs=True), dict(top_p=0.5, temperature=1.0),
+    for bad in (dict(messages=[]), dict(temperature=-1), dict(logprobs=True), dict(top_p=0.0), dict(top_p=1.5),
                 dict(stop=[""]), dict(messages=[{"role": "robot", "content": "x"}])):
         with pytest.raises(ValidationError):
             schema.ChatCompletionRequest(**{"model": "m", "messages": [{"role": "user", "content": "x"}], **bad})
     assert schema.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], top_p=0.5,
-                                        temperature=0).top_p == 0.5  # greedy ignores it
+                                        temperature=1.0).top_p == 0.5
     for bad in (dict(prompt=""), dict(prompt=["a", "b"]), dict(prompt="a", echo=True), dict(prompt="a", suffix="z")):
         with pytest.raises(ValidationError):
             schema.CompletionRequest(model="m", **bad)
