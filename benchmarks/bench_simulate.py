@@ -3,8 +3,8 @@
 
 Each row is one `tiered simulate` configuration, timed without reading the trace (read once,
 timed apart): 8 workers, 1,024 device and 4,096 host blocks each, write-back, prefix-affinity
-routing, the H200 profile. CPU seconds are shown next to wall seconds, since a shared machine
-inflates the wall clock.
+routing, the H200 profile. Each configuration runs --runs times (default 3): the median and the
+range of wall and CPU seconds are shown, since a shared machine inflates the wall clock.
 
     python benchmarks/bench_simulate.py                      # every eviction policy
     python benchmarks/bench_simulate.py --eviction lru       # one
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--device-blocks", type=int, default=1024)
     parser.add_argument("--host-blocks", type=int, default=4096)
+    parser.add_argument("--runs", type=int, default=3, help="runs per configuration (median and range shown)")
     args = parser.parse_args()
     started = time.perf_counter()
     trace = read_trace(args.trace)
@@ -44,20 +46,25 @@ def main() -> None:
         title=f"{len(trace.requests)} requests, {trace.blocks} blocks, {args.workers} workers "
         f"(read in {read_s:.2f} s) on {platform.processor() or platform.machine()}"
     )
-    for column in ("eviction", "wall s", "cpu s", "requests/s", "hit ratio", f"< {GOAL_S:.0f} s"):
+    for column in ("eviction", "wall s (median)", "wall s (range)", "cpu s (median)", "cpu s (range)",
+                   "requests/s", "hit ratio", f"< {GOAL_S:.0f} s"):
         table.add_column(column, justify="right")
     for name in args.eviction.split(","):
         config = SimConfig(
             workers=args.workers, device_blocks=args.device_blocks, host_blocks=args.host_blocks, eviction=name
         )
-        wall, cpu = time.perf_counter(), time.process_time()
-        row = simulate(trace, config, profile)
-        wall_s, cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+        walls, cpus = [], []
+        for _ in range(args.runs):
+            wall, cpu = time.perf_counter(), time.process_time()
+            row = simulate(trace, config, profile)
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+        wall_s, cpu_s = statistics.median(walls), statistics.median(cpus)
         table.add_row(
-            name, f"{wall_s:.2f}", f"{cpu_s:.2f}", f"{len(trace.requests) / wall_s:,.0f}", f"{row['hit_ratio']:.4f}",
-            "yes" if wall_s < GOAL_S else "no",
+            name, f"{wall_s:.2f}", f"{min(walls):.2f}–{max(walls):.2f}", f"{cpu_s:.2f}", f"{min(cpus):.2f}–{max(cpus):.2f}",
+            f"{len(trace.requests) / wall_s:,.0f}", f"{row['hit_ratio']:.4f}", "yes" if wall_s < GOAL_S else "no",
         )  # fmt: skip
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

@@ -58,9 +58,16 @@ class EvictionPolicy(ABC):
         if old is None:
             raise KeyError(f"{key} is not tracked by {type(self).__name__}")
         new = self.priority(key, stats)
-        if new != old[0]:
-            self._drop(key)
-            self._add(key, new)
+        if new == old[0]:
+            return
+        if self._sorted is None and self.grouped and new[0] == old[0][0] and new >= self._group_top[new[0]]:
+            self._seq += 1  # the newest of its group, which it stays in: to the group's end
+            self._entries[key] = (new, self._seq)
+            self._groups[new[0]].move_to_end(key)
+            self._group_top[new[0]] = new
+            return
+        self._drop(key)
+        self._add(key, new)
 
     def on_remove(self, key: Hashable) -> None:
         self._drop(key)

@@ -4,9 +4,10 @@ small multi-turn workload while a TraceRecorder records it; the simulation of th
 trace, with the same routing and room enough for every block, hits exactly the blocks the
 sessions reused.
 
-Not yet here: replicas as a Ray Serve cluster, and the TTFT check (predicted p50 within 25% of
-the measured), which needs the cluster's request timing and a calibrated profile of the same
-model on an idle machine.
+The same check through Session(recorder=...) with a tiny model is in
+test_simulate_session_trace.py, on a Ray Serve cluster of two replicas in
+test_simulate_cluster_trace.py; the TTFT comparison (predicted p50 within 25% of the measured)
+is benchmarks/bench_simulate_validation.py, since timing is not asserted on a shared machine.
 """
 
 from __future__ import annotations
