@@ -136,12 +136,14 @@ class StoreConfig:
         make_eviction(self.eviction, **self.eviction_kwargs)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> StoreConfig:
-        """A StoreConfig from, each overriding the one before: the defaults; the YAML file at `path` (a
-        mapping of option names, or one under a `store:` key); the TIERED_<OPTION> variables of `env`
-        (default: os.environ), such as TIERED_HOST_BYTES=4GiB; and `overrides`. Sizes (`*_bytes`) may be
-        written with a unit in the file and the environment: 512MiB, 4 GiB. An unknown option is an error."""
-        values: dict[str, Any] = {}
+    def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None,
+             base: Mapping[str, Any] | None = None, **overrides: Any) -> StoreConfig:
+        """A StoreConfig from, each overriding the one before: the defaults; `base` (a caller's own
+        defaults); the YAML file at `path` (a mapping of option names, or one under a `store:` key);
+        the TIERED_<OPTION> variables of `env` (default: os.environ), such as TIERED_HOST_BYTES=4GiB;
+        and `overrides`. Sizes (`*_bytes`) may be written with a unit in the file and the
+        environment: 512MiB, 4 GiB. An unknown option is an error."""
+        values: dict[str, Any] = dict(base or {})
         if path is not None:
             values.update(_from_yaml(Path(path)))
         values.update(_from_env(os.environ if env is None else env))

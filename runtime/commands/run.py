@@ -28,6 +28,9 @@ QUESTIONS = (
     "What does Menenius try to do when he meets the citizens?",
 )
 FOLLOW_UP = "Summarize what we discussed in one sentence."
+# the store of each replica, unless --config, TIERED_* variables or options say otherwise
+STORE_DEFAULTS = {"device_bytes": 64 << 20, "host_bytes": 32 << 20, "disk_bytes": 1 << 30, "host_codec": "int8",
+                  "disk_codec": "int8", "eviction": "lru"}
 SYSTEM = "You are a helpful assistant. Answer questions about the document the user gives you, briefly."
 
 
@@ -48,16 +51,25 @@ def register(add_parser, name: str) -> None:
     parser.add_argument("--budget-tokens", type=positive_int, default=None, help="sparse mode: tokens per layer and step")
     parser.add_argument("--importance", default="quest", type=checks.one_of(IMPORTANCE))
     parser.add_argument("--prefetch", default="none", type=checks.one_of(PREFETCH))
-    parser.add_argument("--eviction", default="lru", type=checks.one_of(EVICTION))
-    parser.add_argument("--device-mib", type=positive_int, default=64, help="device tier capacity (per replica)")
-    parser.add_argument("--host-mib", type=positive_int, default=32, help="host tier capacity (per replica)")
-    parser.add_argument("--disk-mib", type=positive_int, default=1024, help="disk tier capacity (per replica)")
+    parser.add_argument("--eviction", default=None, type=checks.one_of(EVICTION),
+                        help=f"eviction policy of every tier (default {STORE_DEFAULTS['eviction']})")
+    parser.add_argument("--config", type=checks.readable_file, default=None, metavar="FILE",
+                        help="StoreConfig options in YAML (docs/CONFIG.md), over run's own defaults; TIERED_* "
+                             "variables override the file, the options below override both")
+    parser.add_argument("--device-mib", type=positive_int, default=None,
+                        help=f"device tier capacity per replica (default {STORE_DEFAULTS['device_bytes'] >> 20})")
+    parser.add_argument("--host-mib", type=positive_int, default=None,
+                        help=f"host tier capacity per replica (default {STORE_DEFAULTS['host_bytes'] >> 20})")
+    parser.add_argument("--disk-mib", type=positive_int, default=None,
+                        help=f"disk tier capacity per replica (default {STORE_DEFAULTS['disk_bytes'] >> 20})")
     parser.add_argument("--disk-dir", type=checks.creatable_dir, default=None,
                         help="where sessions are saved (the cluster's shared tier; with --no-ray, the disk tier); "
                              "default: a temporary directory, nothing saved")
-    parser.add_argument("--host-codec", default="int8", type=checks.codec,
-                        help=f"one of {sorted(CODECS)}, or a spec such as int4:g32")
-    parser.add_argument("--disk-codec", default="int8", type=checks.codec, help="as --host-codec")
+    parser.add_argument("--host-codec", default=None, type=checks.codec,
+                        help=f"one of {sorted(CODECS)}, or a spec such as int4:g32 "
+                             f"(default {STORE_DEFAULTS['host_codec']})")
+    parser.add_argument("--disk-codec", default=None, type=checks.codec,
+                        help=f"as --host-codec (default {STORE_DEFAULTS['disk_codec']})")
     parser.add_argument("--resume", metavar="ID", default=None,
                         help="continue a session saved in --disk-dir (`tiered sessions DIR` lists them)")
     parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
@@ -87,10 +99,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 def store_config(args: argparse.Namespace, disk_dir: Path) -> StoreConfig:
-    return StoreConfig(
-        device_bytes=args.device_mib << 20, host_bytes=args.host_mib << 20, disk_dir=str(disk_dir),
-        disk_bytes=args.disk_mib << 20, host_codec=args.host_codec, disk_codec=args.disk_codec, eviction=args.eviction,
-    )
+    """Run's defaults, then --config's file, then TIERED_* variables, then the options given; the
+    disk tier's directory is the run's."""
+    given = {"device_bytes": _bytes(args.device_mib), "host_bytes": _bytes(args.host_mib),
+             "disk_bytes": _bytes(args.disk_mib), "host_codec": args.host_codec, "disk_codec": args.disk_codec,
+             "eviction": args.eviction}
+    overrides = {name: value for name, value in given.items() if value is not None}
+    return StoreConfig.load(args.config, base=STORE_DEFAULTS, **overrides, disk_dir=str(disk_dir))
+
+
+def _bytes(mib: int | None) -> int | None:
+    return None if mib is None else mib << 20
 
 
 def session_options(args: argparse.Namespace) -> dict:

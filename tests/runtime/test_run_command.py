@@ -96,3 +96,19 @@ def test_run_resumes_a_session_saved_by_the_cluster(tiny_dir, tmp_path, capsys, 
     row = session_rows(out)["A"]
     assert int(row[3]) == min(tokens // BLOCK * BLOCK, tokens - 1)  # every full block from the shared tier
 
+
+
+def test_store_options_from_a_config_file_and_the_environment_under_the_options_given(tiny_dir, tmp_path, capsys,
+                                                                                      monkeypatch):
+    config = tmp_path / "store.yaml"
+    config.write_text("store:\n  device_bytes: 2MiB\n  host_bytes: 3MiB\n  disk_bytes: 16MiB\n")
+    monkeypatch.setenv("TIERED_DISK_BYTES", "12MiB")  # over the file
+    args = ["run", "--no-ray", "--model", str(tiny_dir), "--context-tokens", "60", "--max-new-tokens", "2",
+            "--question", "Who?", "--config", str(config), "--host-mib", "1"]  # over both
+    assert cli(args) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip().split()[:1] in (["device"], ["host"], ["disk"])}
+    assert [rows[tier][3] for tier in ("device", "host", "disk")] == ["2", "1", "12"]  # capacity, MiB
+    config.write_text("store:\n  device_bytes: lots\n")
+    assert cli(args) == 2
+    assert "device_bytes" in capsys.readouterr().err
