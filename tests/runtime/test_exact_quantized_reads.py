@@ -22,9 +22,10 @@ def block_bytes(kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM) -> int:
     return 2 * kv_heads * BLOCK_TOKENS * head_dim * 4
 
 
-def store_config(device_blocks: int, host_codec: str, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM, **more) -> StoreConfig:
+def store_config(device_blocks: int, host_codec: str, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM,
+                 host_blocks: int = 4096, **more) -> StoreConfig:
     return StoreConfig(device="cpu", device_bytes=device_blocks * block_bytes(kv_heads, head_dim),
-                       host_bytes=4096 * block_bytes(kv_heads, head_dim), block_tokens=BLOCK_TOKENS,
+                       host_bytes=host_blocks * block_bytes(kv_heads, head_dim), block_tokens=BLOCK_TOKENS,
                        host_codec=host_codec, **more)
 
 
@@ -159,3 +160,19 @@ def test_smollm2_quarter_on_device_int8_host_agrees_with_all_on_device(smollm2, 
         host = session.stats()["store"]["tiers"]["host"]["blocks"]
     assert host >= cfg.num_layers * (total // 64) // 2  # most of the KV was read from the host tier
     assert agree >= 0.99 * GENERATED_TOKENS, f"{agree}/{GENERATED_TOKENS} steps agree"
+
+
+def test_blocks_on_disk_are_read_where_they_lie_too(tmp_path):
+    """Device, int8 host and int4 disk: three parts, one answer."""
+    config = store_config(2, "int8", host_blocks=1, disk_dir=str(tmp_path / "kv"), disk_codec="int4")
+    tokens = 12 * BLOCK_TOKENS + 3  # 2 blocks on the device, about 4 in the host tier (int8), the rest on disk
+    with TieredStore(config) as store:
+        kv = filled_manager(store, tokens, seed=4)
+        assert {store.where(key) for key in kv.block_keys[0]} == {"device", "host", "disk"}
+        q = torch.randn(HEADS, 4, HEAD_DIM, generator=torch.Generator().manual_seed(6))  # [heads, n, head_dim]
+        positions = torch.arange(tokens - 4, tokens)
+        with store.reading_parts(kv.block_keys[0], limit_tokens=tokens) as parts:
+            assert sum(isinstance(part, EncodedRun) for part in parts) == 2
+            got = attend_parts(q, parts, positions)
+        expected = joined_attention(kv, q, positions)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
