@@ -39,10 +39,10 @@ class EvictionPolicy(ABC):
     _top: Any = field(init=False, repr=False, default=None)
     _seq: int = field(init=False, repr=False, default=0)
     _groups: dict[Any, OrderedDict] = field(init=False, repr=False, default_factory=dict)  # group -> keys, in order
-    _group_top: dict[Any, Any] = field(init=False, repr=False, default_factory=dict)  # group -> its last priority
-    # every live group, and some emptied ones, as a heap whose top is always live (or it is empty)
+    _group_top: dict[Any, Any] = field(init=False, repr=False, default_factory=dict)  # group -> its last priority, or None
+    # the groups of _groups (emptied ones stay until they reach the top: a group that empties and
+    # fills again, as a score's group does, costs no heap operation), as a heap whose top is not empty
     _group_heap: list = field(init=False, repr=False, default_factory=list)
-    _in_heap: set = field(init=False, repr=False, default_factory=set)
 
     @abstractmethod
     def priority(self, key: Hashable, stats: BlockStats) -> Any:
@@ -105,7 +105,7 @@ class EvictionPolicy(ABC):
             members = self._groups[group]
             del members[key]
             if not members:
-                del self._groups[group], self._group_top[group]
+                self._group_top[group] = None
                 self._forget_groups()
 
     def _add(self, key: Hashable, priority: Any) -> None:
@@ -121,25 +121,25 @@ class EvictionPolicy(ABC):
                 members = self._groups.get(group)
                 if members is None:
                     members = self._groups[group] = OrderedDict()
-                    if group not in self._in_heap:
-                        heapq.heappush(self._group_heap, group)
-                        self._in_heap.add(group)
+                    heapq.heappush(self._group_heap, group)
                 members[key] = None
                 self._group_top[group] = priority
                 self._entries[key] = (priority, self._seq)
                 return
         if self._sorted is None:
             self._sorted = SortedList((p, s, k) for k, (p, s) in self._entries.items())
-            self._groups.clear(), self._group_top.clear(), self._group_heap.clear(), self._in_heap.clear()
+            self._groups.clear(), self._group_top.clear(), self._group_heap.clear()
         self._entries[key] = (priority, self._seq)
         self._sorted.add((priority, self._seq, key))
 
     def _forget_groups(self) -> None:
-        """Pop emptied groups off the heap's top; rebuild the heap when emptied ones pile up inside."""
+        """Drop emptied groups off the heap's top; rebuild the heap when emptied ones pile up inside."""
         heap, groups = self._group_heap, self._groups
-        while heap and heap[0] not in groups:
-            self._in_heap.discard(heapq.heappop(heap))
-        if len(heap) > 2 * len(groups) + 64:
+        while heap and not groups[heap[0]]:
+            gone = heapq.heappop(heap)
+            del groups[gone], self._group_top[gone]
+        if len(heap) > 2 * len(self._entries) + 64:
+            for gone in [g for g, members in groups.items() if not members]:
+                del groups[gone], self._group_top[gone]
             heap[:] = groups
             heapq.heapify(heap)
-            self._in_heap = set(heap)
