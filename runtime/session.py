@@ -132,10 +132,11 @@ class Session:
         arrival_s, reused = self._recorder.now_s(), self._counts["reused_tokens"]
         logits = self._extend(token_ids)
         block = self.store.config.block_tokens
-        self._turn = dict(
-            token_ids=list(self.tokens), arrival_s=arrival_s, block_digests=self._digests[: len(self.tokens) // block],
-            ttft_s=self._recorder.now_s() - arrival_s, reused_tokens=self._counts["reused_tokens"] - reused,
-        )
+        self._turn = {
+            "token_ids": list(self.tokens), "arrival_s": arrival_s,
+            "block_digests": self._digests[: len(self.tokens) // block],
+            "ttft_s": self._recorder.now_s() - arrival_s, "reused_tokens": self._counts["reused_tokens"] - reused,
+        }
         return logits
 
     def _extend(self, token_ids: Iterable[int] | Tensor) -> Tensor:

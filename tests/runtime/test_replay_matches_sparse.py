@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from policies import make_importance
 from policies.importance import key_bounds
 from policies.trace.format import attention_logits
 from policies.trace.replay import sparse_step
-from policies import make_importance
 from runtime.kv import KVManager
 from tiered import StoreConfig, TieredStore
 

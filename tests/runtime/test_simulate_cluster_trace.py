@@ -16,17 +16,16 @@ from __future__ import annotations
 import random
 
 import pytest
+import ray  # the serve extra is a dependency: a missing one fails, never skips
+from ray import serve
 
-import ray  # noqa: E402  (the serve extra is a dependency: a missing one fails, never skips)
-from ray import serve  # noqa: E402
+from runtime import Cluster
+from runtime.actors import start_ray
+from runtime.simulate import SimConfig, load_profile, read_trace, simulate
+from runtime.trace_recorder import TraceRecorder
+from tiered import StoreConfig
 
-from runtime import Cluster  # noqa: E402
-from runtime.actors import start_ray  # noqa: E402
-from runtime.simulate import SimConfig, load_profile, read_trace, simulate  # noqa: E402
-from runtime.trace_recorder import TraceRecorder  # noqa: E402
-from tiered import StoreConfig  # noqa: E402
-
-from .tiny_models import write_hf_dir  # noqa: E402
+from .tiny_models import write_hf_dir
 
 BLOCK_TOKENS, NEW_TOKENS = 16, 6
 CONFIG = StoreConfig(device="cpu", device_bytes=16 << 20, host_bytes=16 << 20, block_tokens=BLOCK_TOKENS)

@@ -16,8 +16,8 @@ import random
 import pytest
 
 from runtime import Session, load_model
-from runtime.simulate import SimConfig, load_profile, read_trace, simulate
 from runtime.session import model_store_config
+from runtime.simulate import SimConfig, load_profile, read_trace, simulate
 from runtime.trace_recorder import TraceRecorder
 from tiered import StoreConfig, TieredStore
 
@@ -72,11 +72,13 @@ def test_recorded_session_turns_simulate_to_the_reuse_measured(tiny, tmp_path):
 
 
 def test_a_turn_without_generate_is_recorded_with_no_output(tiny, tmp_path):
-    with TraceRecorder(tmp_path / "t.jsonl", block_tokens=BLOCK_TOKENS) as recorder:
-        with Session(tiny, CONFIG, recorder=recorder) as session:
-            session.extend(list(range(3, 40)))
-            session.extend(list(range(3, 10)))  # the first turn ends here, with no output
-            session.generate(2, stop=[])
+    with (
+        TraceRecorder(tmp_path / "t.jsonl", block_tokens=BLOCK_TOKENS) as recorder,
+        Session(tiny, CONFIG, recorder=recorder) as session,
+    ):
+        session.extend(list(range(3, 40)))
+        session.extend(list(range(3, 10)))  # the first turn ends here, with no output
+        session.generate(2, stop=[])
     first, second = (json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines())
     assert (first["input_length"], first["output_length"]) == (37, 0)
     assert (second["input_length"], second["output_length"]) == (44, 2)
@@ -85,6 +87,8 @@ def test_a_turn_without_generate_is_recorded_with_no_output(tiny, tmp_path):
 
 
 def test_a_recorder_of_another_block_size_is_refused(tiny, tmp_path):
-    with TraceRecorder(tmp_path / "t.jsonl", block_tokens=512) as recorder:
-        with pytest.raises(ValueError, match="recorder counts blocks of 512"):
-            Session(tiny, CONFIG, recorder=recorder)
+    with (
+        TraceRecorder(tmp_path / "t.jsonl", block_tokens=512) as recorder,
+        pytest.raises(ValueError, match="recorder counts blocks of 512"),
+    ):
+        Session(tiny, CONFIG, recorder=recorder)
