@@ -8,7 +8,8 @@ per round: time to first token (p50, p90); overall: requests/s, output tokens/s,
 ratio (usage.prompt_tokens_details.cached_tokens / prompt_tokens), and errors. Each mode starts
 its own `tiered serve` (SmolLM2-135M by default) on 127.0.0.1 and stops it after.
 
-    python benchmarks/bench_serve.py                           # 4 users x 3 rounds, 512-token document
+    python benchmarks/bench_serve.py                           # 8 users x 4 rounds, 512-token document
+    python benchmarks/bench_serve.py --users 4 --rounds 3      # the size docs/BENCHMARKS.md reports
     python benchmarks/bench_serve.py --users 8 --rounds 4 --doc-tokens 2048 --workers 2
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --modes reuse   # an already running server
     python benchmarks/bench_serve.py --plot ttft.png --plot-from run1.json run2.json run3.json   # medians of runs
@@ -212,8 +213,8 @@ def plot(per_round: dict, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--users", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--doc-tokens", type=int, default=512, help="length of the shared document (about)")
     parser.add_argument("--max-tokens", type=int, default=16, help="answer length per round")
     parser.add_argument("--rate", type=float, default=2.0, help="per user: rounds per second of think time (Poisson)")
