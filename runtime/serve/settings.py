@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tiered import StoreConfig, make_codec
 
 MiB = 1 << 20
+UNITS = {"_mib": "MiB", "_s": "seconds", "_tokens": "tokens"}  # how a setting's name ends -> its unit
 API_KEY_ENV = "TIERED_API_KEY"  # comma-separated keys, when the settings name none
 
 
@@ -25,22 +26,22 @@ class ServeSettings(BaseModel):
     model: str = Field("smollm2-135m", description="registered model name, .gguf file or HF directory")
     served_model_name: str | None = Field(None, description="the id clients send as `model` (default: --model)")
     workers: int = Field(1, ge=1, description="SessionReplicas (one per GPU when there are GPUs)")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each replica reserves")
     device_mib: int = Field(64, ge=1, description="device tier of each replica, MiB")
     host_mib: int = Field(256, ge=1, description="host tier of each replica, MiB")
     disk_mib: int = Field(1024, ge=1, description="disk tier of each replica, MiB (with disk_dir)")
     disk_dir: str | None = Field(None, description="disk tier directory (a subdirectory per replica)")
-    host_codec: str = "int8"
-    disk_codec: str = "int8"
-    eviction: str = "lru"
-    block_tokens: int = Field(64, ge=1)
+    host_codec: str = Field("int8", description="codec of the host tier (a tiered.CODECS spec)")
+    disk_codec: str = Field("int8", description="codec of the disk and shared tiers")
+    eviction: str = Field("lru", description="eviction policy of every tier (policies.EVICTION)")
+    block_tokens: int = Field(64, ge=1, description="tokens per block")
     shared_dir: str | None = Field(None, description="the cluster's shared tier, a directory every node mounts")
-    routing: str = "prefix-affinity"
+    routing: str = Field("prefix-affinity", description="how new conversations are placed (policies.ROUTING)")
     api_keys: tuple[str, ...] = Field((), validate_default=True, description=f"bearer keys; empty: {API_KEY_ENV}, else no auth")
     no_reuse: bool = Field(False, description="every request gets its own salt: no prefix is ever reused")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that sets none")
-    call_timeout_s: float = Field(300.0, gt=0)
-    failover_timeout_s: float = Field(60.0, gt=0)
+    call_timeout_s: float = Field(300.0, gt=0, description="longest a call to a replica may take")
+    failover_timeout_s: float = Field(60.0, gt=0, description="how long a request retries while its replica is replaced")
     table_key: str = Field("tiered-serve", min_length=1, description="the routing table's name in the ingress")
 
     @field_validator("host_codec", "disk_codec")
@@ -56,6 +57,23 @@ class ServeSettings(BaseModel):
             keys = keys.split(",")
         keys = tuple(k.strip() for k in (keys or ()) if k and k.strip())
         return keys or tuple(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())
+
+    @classmethod
+    def reference(cls) -> str:
+        """The Markdown table of every setting (docs/CONFIG.md, after StoreConfig's)."""
+        lines = ["## `tiered serve` settings", "",
+                 "`tiered serve`'s options (`--workers` for `workers`, ...), its `--config FILE` (YAML) and the `args` of",
+                 "`runtime.serve.app:build` in a Serve config (deploy/kuberay) are these settings, checked by one pydantic",
+                 "model.", "", "| setting | type | allowed | unit | default | meaning |", "|---|---|---|---|---|---|"]
+        for name, field in cls.model_fields.items():
+            bounds = ", ".join(f"{op} {getattr(m, attr)}" for m in field.metadata
+                               for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                               if getattr(m, attr, None) is not None)
+            unit = next((u for suffix, u in UNITS.items() if name.endswith(suffix)), "-")
+            kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+            cells = [f"`{name}`", kind, bounds or "any", unit, f"`{field.default!r}`", field.description or ""]
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+        return "\n".join(lines) + "\n"
 
     @property
     def model_id(self) -> str:
