@@ -95,8 +95,8 @@ def main(args: argparse.Namespace) -> int:
         try:
             trace = load_trace(args.trace)
         except (ValueError, FileNotFoundError) as err:
-            print(f"tiered experiment: error: {err}", file=sys.stderr)
-            return 1
+            print(f"tiered experiment: error: argument --trace: {err}", file=sys.stderr)
+            return 2
         trace_path = args.trace
     print(
         f"{trace.steps - trace.observe_steps} decode steps (+{trace.observe_steps} observed), {trace.layers} layers, "

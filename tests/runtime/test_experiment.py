@@ -97,6 +97,6 @@ def test_bad_arguments_exit_with_a_usage_error(args, message, capsys):
 def test_a_bad_trace_file_is_refused(tmp_path, capsys):
     (tmp_path / "bad.npz").write_bytes(b"nope")
     for name, message in [("bad.npz", "not a readable trace file"), ("missing.npz", "no trace file")]:
-        assert main(["experiment", "--trace", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 1
+        assert main(["experiment", "--trace", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
