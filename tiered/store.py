@@ -207,10 +207,7 @@ class TieredStore:
         is not stored raises KeyError. Reads count as hits; with `touch` they also count as accesses
         for the eviction policy. `limit_tokens` cuts the result to that many tokens.
         """
-        keys = list(keys)
-        for key in keys:
-            if type(key) is not BlockKey:
-                _check_key(key)
+        keys = _checked_keys(keys)
         with self._lock:
             self._check_open()
             keys_read, values_read = read_joined(self._place, keys, touch)
@@ -226,10 +223,7 @@ class TieredStore:
         quantized blocks where they lie (tiered.gather.read_parts): full-precision runs of the device
         pool, and each quantizing lower tier's payloads as stored. Valid inside the `with` block
         (the store's lock is held). Counts, KeyError and `limit_tokens` as for `reading`."""
-        keys = list(keys)
-        for key in keys:
-            if type(key) is not BlockKey:
-                _check_key(key)
+        keys = _checked_keys(keys)
         with self._lock:
             self._check_open()
             yield read_parts(self._place, keys, touch, limit_tokens)
@@ -531,6 +525,14 @@ class TieredStore:
                 batch.add(key)
                 per_room[room] += 1
         return moved
+
+
+def _checked_keys(keys: Iterable[BlockKey]) -> list[BlockKey]:
+    keys = list(keys)
+    for key in keys:
+        if type(key) is not BlockKey:  # the common case skips the full check
+            _check_key(key)
+    return keys
 
 
 def _check_key(key: object) -> None:

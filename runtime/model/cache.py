@@ -52,8 +52,7 @@ def load_cached(digest: str) -> Checkpoint | None:
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata()
+        metadata = _metadata(path)
         tensors = load_file(str(path))
         if metadata["digest"] != digest or metadata["checksum"] != _checksum(tensors):
             raise ValueError("checksum mismatch")
@@ -72,13 +71,17 @@ def load_cached_header(digest: str) -> tuple[ModelConfig, Tokenizer] | None:
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata()
+        metadata = _metadata(path)
         if metadata["digest"] != digest:
             return None
         return _config(metadata), Tokenizer.from_json(metadata["tokenizer"])
     except (SafetensorError, OSError, KeyError, ValueError, TypeError):
         return None
+
+
+def _metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as file:
+        return file.metadata()
 
 
 def _config(metadata: dict) -> ModelConfig:
