@@ -41,7 +41,7 @@ def register(add_parser, name: str) -> None:
                         help="registered name, .gguf file or HF directory")
     parser.add_argument("--document", type=checks.readable_file, default=None,
                         help="text file (default: the shipped Shakespeare)")
-    parser.add_argument("--context-tokens", type=positive_int, default=2048, help="tokens of the document to read")
+    parser.add_argument("--context-tokens", type=positive_int, default=1024, help="tokens of the document to read")
     parser.add_argument("--question", action="append", default=None, help="a question (repeat for more turns)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per turn")
     parser.add_argument("--chunk-tokens", type=positive_int, default=256, help="prefill chunk size")
