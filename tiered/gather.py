@@ -46,12 +46,20 @@ def read_joined(placement: Placement, keys: list[BlockKey], touch: bool) -> tupl
     Only the last block may be partial. A key not stored raises KeyError. Every read counts as a
     hit of its tier; with `touch`, also as an access for the eviction policy.
     """
-    layout, device = placement.layout, placement.device_tier
     if not keys:
         raise ValueError("reading needs at least one key")
     views = _device_run(placement, keys, touch)
     if views is not None:
         return views
+    tiers, slots, _, total = _locate(placement, keys, touch)
+    return _gather(placement, keys, tiers, slots, total)
+
+
+def _locate(placement: Placement, keys: list[BlockKey], touch: bool) -> tuple[list[int], list[int], list[int], int]:
+    """Where `keys` are: (tier of each, device slot of each or -1, tokens of each, tokens in all).
+    Counts each read as a hit of its tier and, with `touch`, as an access. KeyError for a key not
+    stored; ValueError when a block but the last is partial. A store reopened over its disk tier
+    has no layout yet: the first block is promoted to set it, then the keys are located again."""
     tiers, slots, tokens = [], [], []
     for key in keys:
         t = placement.where.get(key)
@@ -59,11 +67,11 @@ def read_joined(placement: Placement, keys: list[BlockKey], touch: bool) -> tupl
             raise KeyError(f"{key} is not stored")
         tiers.append(t)
         tokens.append(placement.stats[t][key].tokens)
-        slots.append(device.slot_of(key)[0] if t == DEVICE else -1)
-    if layout is None:  # a store reopened over its disk tier: the first promotion sets the layout
+        slots.append(placement.device_tier.slot_of(key)[0] if t == DEVICE else -1)
+    if placement.layout is None:
         placement.promote(keys[0], tiers[0])
-        return read_joined(placement, keys, touch)
-    full = layout.block_tokens
+        return _locate(placement, keys, touch)
+    full = placement.layout.block_tokens
     if any(n != full for n in tokens[:-1]):
         raise ValueError("only the last block read may be partial")
     for t in tiers:
@@ -72,8 +80,7 @@ def read_joined(placement: Placement, keys: list[BlockKey], touch: bool) -> tupl
         step = placement.tick()
         for key, t in zip(keys, tiers):
             placement.touch(key, t, step)
-    total = full * (len(keys) - 1) + tokens[-1]
-    return _gather(placement, keys, tiers, slots, total)
+    return tiers, slots, tokens, full * (len(keys) - 1) + tokens[-1]
 
 
 def _device_run(placement: Placement, keys: list[BlockKey], touch: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -158,28 +165,8 @@ def read_parts(
     if views is not None:
         limit = views[0].shape[1] if limit_tokens is None else min(limit_tokens, views[0].shape[1])
         return [DenseRun(views[0][:, :limit], views[1][:, :limit], 0)]
-    tiers, slots, tokens = [], [], []
-    for key in keys:
-        t = placement.where.get(key)
-        if t is None:
-            raise KeyError(f"{key} is not stored")
-        tiers.append(t)
-        tokens.append(placement.stats[t][key].tokens)
-        slots.append(placement.device_tier.slot_of(key)[0] if t == DEVICE else -1)
-    layout = placement.layout
-    if layout is None:  # a store reopened over its disk tier: the first promotion sets the layout
-        placement.promote(keys[0], tiers[0])
-        return read_parts(placement, keys, touch, limit_tokens)
-    full = layout.block_tokens
-    if any(n != full for n in tokens[:-1]):
-        raise ValueError("only the last block read may be partial")
-    for t in tiers:
-        placement.counters[t].hits += 1
-    if touch:
-        step = placement.tick()
-        for key, t in zip(keys, tiers):
-            placement.touch(key, t, step)
-    total = full * (len(keys) - 1) + tokens[-1]
+    tiers, slots, tokens, total = _locate(placement, keys, touch)
+    full = placement.layout.block_tokens
     limit = total if limit_tokens is None else min(limit_tokens, total)
     if not any(isinstance(placement.codecs[t], QuantizedCodec) for t in tiers if t != DEVICE):
         joined_keys, joined_values = _gather(placement, keys, tiers, slots, total)  # as read_joined does
