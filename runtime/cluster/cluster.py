@@ -194,14 +194,14 @@ class Cluster:
     def call(self, method: str, *args, **kwargs):
         """Call `method` of the replica the router picks, blocking up to call_timeout_s."""
         self._check_open()
-        with _input_errors_unwrapped():
+        with input_errors_unwrapped():
             return getattr(self._handle, method).remote(*args, **kwargs).result(timeout_s=self.call_timeout_s)
 
     def stream(self, session_id: str, max_new_tokens: int, temperature: float, seed: int | None,
                top_p: float = 1.0) -> Iterator[int]:
         self._check_open()
         handle = self._handle.options(method_name="stream", stream=True)
-        with _input_errors_unwrapped():
+        with input_errors_unwrapped():
             yield from handle.remote(session_id, max_new_tokens, temperature, seed, top_p)
 
     def adopt(self, session_id: str, options: dict, tokens: list[int], block_hashes: list[str]) -> dict:
@@ -243,7 +243,7 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def _input_errors_unwrapped():
+def input_errors_unwrapped():
     """A replica's ValueError, TypeError or KeyError (bad input, a missing session) reaches the
     caller as itself, not wrapped in Ray's RayTaskError with the remote traceback in its message."""
     try:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from ray.serve.handle import DeploymentHandle
 
+from runtime.cluster.cluster import input_errors_unwrapped
 from runtime.cluster.table import TABLES, RoutingTable
 from runtime.model.tokenizer import Tokenizer
 
@@ -49,7 +50,8 @@ class ReplicaBackend:
     # -- what ClusterSession calls --------------------------------------------------------------
 
     def call(self, method: str, *args, **kwargs):
-        return getattr(self._handle, method).remote(*args, **kwargs).result(timeout_s=self.call_timeout_s)
+        with input_errors_unwrapped():
+            return getattr(self._handle, method).remote(*args, **kwargs).result(timeout_s=self.call_timeout_s)
 
     def stream(self, session_id: str, max_new_tokens: int, temperature: float, seed: int | None,
                top_p: float = 1.0) -> Iterator[int]:
@@ -58,7 +60,8 @@ class ReplicaBackend:
             session_id, max_new_tokens, temperature, seed, top_p)
         finished = False
         try:
-            yield from tokens
+            with input_errors_unwrapped():
+                yield from tokens
             finished = True
         finally:
             if not finished:
