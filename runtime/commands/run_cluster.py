@@ -44,12 +44,14 @@ def run_on_cluster(args: argparse.Namespace, tokenizer: Tokenizer, text: str, qu
         first = args.resume is None
         # each session asks the questions in its own order; the first reads the document alone
         asked = [questions[k % len(questions):] + questions[: k % len(questions)] for k in range(len(sessions))]
-        _turn(sessions[0], names[0], 0, tokenizer, text, asked[0][0], first, args.max_new_tokens, printer)
+        reused = [0] * len(sessions)  # each session's reused tokens after its last turn
+        reused[0] = _turn(sessions[0], names[0], 0, tokenizer, text, asked[0][0], first, args.max_new_tokens,
+                          printer, 0)
 
         def converse(k: int) -> None:
             for turn in range(1 if k == 0 else 0, len(asked[k])):
-                _turn(sessions[k], names[k], turn, tokenizer, text, asked[k][turn], first and turn == 0,
-                      args.max_new_tokens, printer)
+                reused[k] = _turn(sessions[k], names[k], turn, tokenizer, text, asked[k][turn], first and turn == 0,
+                                  args.max_new_tokens, printer, reused[k])
 
         with ThreadPoolExecutor(len(sessions)) as pool:
             for done in [pool.submit(converse, k) for k in range(len(sessions))]:
@@ -79,9 +81,9 @@ class _Printer:
 
 
 def _turn(session, name: str, turn: int, tokenizer: Tokenizer, text: str, question: str, first: bool,
-          max_new_tokens: int, printer: _Printer) -> None:
+          max_new_tokens: int, printer: _Printer, reused_before: int) -> int:
+    """One turn of `session`, printed; returns the session's reused tokens after it."""
     prompt = turn_prompt(tokenizer, text, question, first)
-    reused_before = session.stats()["reused_tokens"] if turn else 0
     start_s = time.perf_counter()
     session.extend(prompt)
     tokens = session.stream(max_new_tokens)
@@ -95,6 +97,7 @@ def _turn(session, name: str, turn: int, tokenizer: Tokenizer, text: str, questi
                  f"{len(prompt)} prompt tokens, {stats['reused_tokens'] - reused_before} of them reused; first token "
                  f"after {first_token_s:.1f} s; {len(answer)} answer tokens at {rate:.1f} tok/s; replica "
                  f"{_short(stats['replica_id'])}")
+    return stats["reused_tokens"]
 
 
 def _report(cluster, sessions: list, names: list[str]) -> None:
