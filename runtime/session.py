@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from . import saved as saved_sessions
 from .kv import KVManager
 from .kv.manager import BlocksLost
 from .model import Model
+from .steps import Chunk, Computed, Steps, StepUndone, drive_alone, result_of
 from .trace_recorder import TraceRecorder
 
 MAX_LOSSES = 8  # recomputations in one call before the store is declared too small to make progress
@@ -125,12 +126,26 @@ class Session:
         held (a cached prefix) are reused, not computed, and have no row; the last token is always
         computed, so m >= 1. If anything fails, the session is as it was before the call.
         """
+        return result_of(drive_alone(self.model, self.extending(token_ids)))
+
+    def extending(self, token_ids: Iterable[int] | Tensor, keep_rows: bool = True) -> Steps:
+        """extend's work as steps for a driver (runtime.steps); the input is checked now, before
+        any step. keep_rows False: only the last token's logits are computed, and the steps return
+        none (an empty [0, vocab] tensor)."""
         self._check_open()
+        ids = _as_ids(token_ids)
+        vocab = self.model.config.vocab_size
+        if int(ids.max()) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}), got {int(ids.max())}")
+        self._check_fits(len(self.tokens) + ids.numel())
+        return self._extend_steps(ids.tolist(), keep_rows)
+
+    def _extend_steps(self, ids: list[int], keep_rows: bool) -> Steps:
         if self._recorder is None:
-            return self._extend(token_ids)
+            return (yield from self._append(ids, keep_rows))
         self._end_turn(0)
         arrival_s, reused = self._recorder.now_s(), self._counts["reused_tokens"]
-        logits = self._extend(token_ids)
+        logits = yield from self._append(ids, keep_rows)
         block = self.store.config.block_tokens
         self._turn = {
             "token_ids": list(self.tokens), "arrival_s": arrival_s,
@@ -139,11 +154,10 @@ class Session:
         }
         return logits
 
-    def _extend(self, token_ids: Iterable[int] | Tensor) -> Tensor:
-        ids = _as_ids(token_ids).tolist()
+    def _append(self, ids: list[int], keep_rows: bool = True) -> Steps:
         log = self.tokens + ids
         self._check_fits(len(log))
-        logits = self._catch_up(log, len(self.tokens))
+        logits = yield from self._catch_up(log, len(self.tokens), keep_rows)
         self.tokens = log
         return logits
 
@@ -166,10 +180,23 @@ class Session:
 
         temperature 0 is greedy; above 0, tokens are sampled (reproducibly with `seed`) from the
         smallest set of most likely tokens whose probabilities add up to `top_p` (nucleus sampling;
-        1: from every token). Generation
-        ends before a token in `stop` (default: the tokenizer's end-of-turn and end-of-text tokens),
-        which is neither yielded nor added. Every yielded token is in the token log.
+        1: from every token). Generation ends before a token in `stop` (default: the tokenizer's
+        end-of-turn and end-of-text tokens), which is neither yielded nor added, and when the
+        conversation fills the model's context. Every yielded token is in the token log, also when
+        the stream is closed right after it (its KV is then computed by the next call).
+        The arguments are checked now, before any token.
         """
+        return drive_alone(self.model, self.streaming(max_new_tokens, temperature, stop, seed, top_p))
+
+    def streaming(
+        self,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        stop: Iterable[int] | None = None,
+        seed: int | None = None,
+        top_p: float = 1.0,
+    ) -> Steps:
+        """stream's work as steps for a driver (runtime.steps); the arguments are checked now."""
         self._check_open()
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -181,17 +208,32 @@ class Session:
             raise ValueError("generate needs a prompt: call extend() first")
         stops = set(stop_token_ids(self.model.tokenizer) if stop is None else stop)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        if self._last_logits is None:  # resumed: compute the last token (again)
-            self.kv.truncate(min(self.kv.tokens, len(self.tokens) - 1))
-            self._catch_up(self.tokens, len(self.tokens) - 1)
+        return self._stream_steps(max_new_tokens, temperature, stops, generator, top_p)
+
+    def _stream_steps(
+        self, max_new_tokens: int, temperature: float, stops: set[int], generator: torch.Generator | None, top_p: float
+    ) -> Steps:
         generated = 0
         try:
+            if self._last_logits is None:  # resumed, or closed right after a token: compute the last token (again)
+                self.kv.truncate(min(self.kv.tokens, len(self.tokens) - 1))
+                yield from self._catch_up(self.tokens, len(self.tokens) - 1, keep_rows=False)
             for _ in range(max_new_tokens):
+                if len(self.tokens) >= self.model.config.max_position_embeddings:
+                    return  # the context is full
+                self._check_fits(len(self.tokens) + 1)
                 token = _choose(self._last_logits, temperature, generator, top_p)
                 if token in stops:
                     return
-                yield token
-                self._extend([token])
+                held = len(self.tokens)
+                try:
+                    yield token
+                    yield from self._append([token], keep_rows=False)
+                except BaseException:  # the token was handed out: it stays in the log, its KV comes later
+                    if len(self.tokens) == held:
+                        self.tokens.append(token)
+                        self._last_logits = None
+                    raise
                 generated += 1
         finally:
             if self._turn is not None:
@@ -297,9 +339,10 @@ class Session:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _catch_up(self, log: list[int], rows_from: int) -> Tensor:
+    def _catch_up(self, log: list[int], rows_from: int, keep_rows: bool = True) -> Generator[Chunk, Computed, Tensor]:
         """Bring the KV cache to all of `log`: adopt cached blocks, compute the rest in chunks,
-        recompute lost blocks. Returns the logits of positions rows_from.. ([m, vocab])."""
+        recompute lost blocks. Returns the logits of positions rows_from.. ([m, vocab]; with
+        keep_rows False only the last token's are computed, and none are returned)."""
         kv, block = self.kv, self.store.config.block_tokens
         before = kv.tokens
         digests = self._digests_of(log)  # content hashes of log's full blocks, once per call
@@ -311,7 +354,10 @@ class Session:
                 start = kv.tokens
                 end = min(len(log), start + self.options["chunk_tokens"])
                 try:
-                    logits = self._forward(log[start:end], start, len(self.tokens))
+                    done = yield Chunk(kv, log[start:end], start, last_only=not keep_rows)
+                except StepUndone:
+                    kv.truncate(start)
+                    continue
                 except BlocksLost as lost:
                     losses += 1
                     if losses > MAX_LOSSES:
@@ -322,12 +368,15 @@ class Session:
                     kv.truncate(min(start, lost.index * block))
                     chunks = [(first, rows[: kv.tokens - first]) for first, rows in chunks if first < kv.tokens]
                     continue
-                chunks.append((start, logits))
+                self._count(done, start)
+                chunks.append((start + done.tokens - done.logits.shape[0], done.logits))
                 self._seal(digests)
         except BaseException:
             kv.truncate(min(before, kv.tokens))
             raise
         self._last_logits = chunks[-1][1][-1] if chunks and chunks[-1][0] + chunks[-1][1].shape[0] == len(log) else None
+        if not keep_rows:
+            return torch.empty(0, self.model.config.vocab_size)
         rows = [logits[max(0, rows_from - first):] for first, logits in chunks if first + logits.shape[0] > rows_from]
         return torch.cat(rows) if rows else torch.empty(0, self.model.config.vocab_size)
 
@@ -346,18 +395,14 @@ class Session:
             kv.truncate(len(log) - 1)
             self._counts["reused_tokens"] -= block - kv.tokens % block
 
-    def _forward(self, ids: list[int], start: int, known: int) -> Tensor:
-        """Compute tokens at positions start.. (`known`: how many of them the log held before)."""
-        kind = "decode" if len(ids) == 1 else "prefill"
-        begin_s = time.perf_counter()
-        with self.store.pinning(self.kv.keys()):  # what this forward reads is not pushed out by it
-            logits = self.model.forward(torch.tensor(ids, dtype=torch.int64), torch.arange(start, start + len(ids)), self.kv)
-        self._timing[f"{kind}_s"] += time.perf_counter() - begin_s
-        self._timing[f"{kind}_tokens"] += len(ids)
-        again = max(0, min(known, start + len(ids)) - start)
+    def _count(self, done: Computed, start: int) -> None:
+        """Account tokens computed at positions start.. (those the log held already are recomputed)."""
+        kind = "decode" if done.tokens == 1 else "prefill"
+        self._timing[f"{kind}_s"] += done.seconds
+        self._timing[f"{kind}_tokens"] += done.tokens
+        again = max(0, min(len(self.tokens), start + done.tokens) - start)
         self._counts["recomputed_tokens"] += again
-        self._counts["computed_tokens"] += len(ids) - again
-        return logits
+        self._counts["computed_tokens"] += done.tokens - again
 
     def _seal(self, digests: list[bytes]) -> None:
         full = self.kv.tokens // self.store.config.block_tokens

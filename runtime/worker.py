@@ -1,8 +1,11 @@
 """SessionWorker: a model, one tiered store, and the sessions it hosts on that store.
 
-A plain class; runtime/actors.py makes it a Ray actor. Sessions share the store's capacity (the
-eviction policy arbitrates) and its cached blocks (a session over a document another session
-read reuses those blocks).
+A plain class; runtime/cluster/replica.py makes it a Ray Serve replica. Sessions share the store's
+capacity (the eviction policy arbitrates) and its cached blocks (a session over a document another
+session read reuses those blocks). Their calls run in one StepLoop (continuous batching): calls of
+different sessions that are in progress together share forward steps. Here the caller drives the
+loop (each `extend`, and each token a `stream` waits for, steps it); the replica drives it from a
+thread of its own instead.
 """
 
 from __future__ import annotations
@@ -15,17 +18,19 @@ from tiered import StoreConfig, TieredStore
 
 from .model import load_model
 from .session import Session, model_store_config
+from .step_loop import DEFAULT_MAX_SEQUENCES, DEFAULT_STEP_TOKENS, Request, StepLoop
 
 
 class SessionWorker:
     """Hosts sessions of one model on one store, addressed by session id.
 
     store_config   the worker's store (default StoreConfig()); its layers and fingerprint come from the model
+    step_tokens, max_sequences   the StepLoop's: tokens and sessions one forward step computes at most
     """
 
     def __init__(
         self, model: str = "smollm2-135m", store_config: StoreConfig | None = None, dtype: str = "float32",
-        device: str = "cpu",
+        device: str = "cpu", step_tokens: int = DEFAULT_STEP_TOKENS, max_sequences: int = DEFAULT_MAX_SEQUENCES,
     ) -> None:
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
@@ -33,6 +38,7 @@ class SessionWorker:
         self.model = load_model(model, dtype=torch_dtype, device=device)
         self.store = TieredStore(model_store_config(self.model, store_config))
         self.sessions: dict[str, Session] = {}
+        self.loop = StepLoop(self.model, step_tokens, max_sequences)
 
     def model_info(self) -> dict:
         cfg = self.model.config
@@ -65,13 +71,30 @@ class SessionWorker:
 
     def extend(self, session_id: str, token_ids: list[int]) -> int:
         """Feed tokens; returns how many tokens the session now holds."""
-        session = self._session(session_id)
-        session.extend(token_ids)
-        return len(session.tokens)
+        request = self.loop.extend(self._session(session_id), token_ids)
+        for _ in self._drive(request):
+            pass
+        return request.result()
 
     def stream(self, session_id: str, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
                top_p: float = 1.0) -> Iterator[int]:
-        yield from self._session(session_id).stream(max_new_tokens, temperature, seed=seed, top_p=top_p)
+        """Generate for the session (arguments checked now); tokens as the loop produces them.
+        Closing the iterator early cancels the rest."""
+        return self._drive(self.loop.stream(self._session(session_id), max_new_tokens, temperature, seed=seed, top_p=top_p))
+
+    def _drive(self, request: Request) -> Iterator[int]:
+        """Step the loop (every request in it advances) until `request` ends; yields its tokens."""
+        try:
+            while True:
+                tokens, ended = request.poll()
+                yield from tokens
+                if ended:
+                    return
+                self.loop.step()
+        finally:
+            if not request.finished:
+                self.loop.cancel(request)
+                self.loop.settle()
 
     def stats(self, session_id: str) -> dict:
         return self._session(session_id).stats()
@@ -85,8 +108,12 @@ class SessionWorker:
         return Session.saved(self.store)
 
     def close(self, session_id: str) -> None:
+        """Cancel the session's call in progress, if any, and close it."""
         session = self.sessions.pop(session_id, None)
         if session is not None:
+            for request in self.loop.requests_of(session):
+                self.loop.cancel(request)
+            self.loop.settle()
             session.close()
 
     def shutdown(self) -> None:

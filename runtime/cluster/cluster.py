@@ -30,6 +30,7 @@ from tiered import StoreConfig
 from ..actors import start_ray
 from .. import saved as saved_sessions
 from ..saved import check_session_id
+from ..step_loop import DEFAULT_MAX_SEQUENCES, DEFAULT_STEP_TOKENS
 from .handle import ClusterSession
 from .replica import SessionReplica
 from .router import SessionRouter
@@ -45,8 +46,9 @@ SHARED_MAX_IMBALANCE = 0  # sessions; prefix-affinity's default otherwise (polic
 def routing_policy(name: str, shared: bool) -> RoutingPolicy:
     """The routing policy `name`. With a shared tier, prefix-affinity follows the longest prefix
     only among the least loaded replicas (SHARED_MAX_IMBALANCE): a replica that lacks a prefix
-    locally reads it from the shared tier instead of computing it, and a replica serves one call at
-    a time, so stacking sessions on the holder costs more in queueing than it saves."""
+    locally reads it from the shared tier instead of computing it, and the sessions of a replica
+    share its compute (one forward step at a time), so stacking them on the holder slows each of
+    their steps by more than the reuse saves."""
     if name == "prefix-affinity" and shared:
         return make_routing(name, max_imbalance=SHARED_MAX_IMBALANCE)
     return make_routing(name)
@@ -82,6 +84,8 @@ class Cluster:
     routing            policies.routing name that places new sessions ("prefix-affinity")
     cpus_per_worker    CPUs each replica reserves
     num_cpus           CPUs of a new local Ray instance (None: the machine's)
+    step_tokens, max_sequences   each replica's continuous batching (runtime.step_loop.StepLoop):
+                       tokens and sessions one forward step computes at most
     call_timeout_s     longest a single call may take before TimeoutError
     failover_timeout_s how long a session's calls keep retrying while its replica is replaced
     """
@@ -98,6 +102,8 @@ class Cluster:
         dtype: str = "float32",
         cpus_per_worker: float = 1.0,
         num_cpus: int | None = None,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
+        max_sequences: int = DEFAULT_MAX_SEQUENCES,
         call_timeout_s: float = 300.0,
         failover_timeout_s: float = 120.0,
     ) -> None:
@@ -113,6 +119,10 @@ class Cluster:
                             ("cpus_per_worker", cpus_per_worker)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        for name, value in (("step_tokens", step_tokens), ("max_sequences", max_sequences)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        batching = {"step_tokens": step_tokens, "max_sequences": max_sequences}
         self.table = RoutingTable(routing_policy(routing, shared=shared_dir is not None))  # validates the name
         self.call_timeout_s, self.failover_timeout_s = float(call_timeout_s), float(failover_timeout_s)
         gpus = torch.cuda.device_count()
@@ -138,7 +148,7 @@ class Cluster:
             if gpus and workers > int(ray.cluster_resources().get("GPU", 0)):
                 raise ValueError(f"workers={workers} but the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} "
                                  "GPUs: one replica per GPU")
-            self._handle = serve.run(deployment.bind(str(model), store_config, dtype, device), name=self.app_name,
+            self._handle = serve.run(deployment.bind(str(model), store_config, dtype, device, batching), name=self.app_name,
                                      route_prefix=None)
             info = self._any_replica()["model"]
         except BaseException:

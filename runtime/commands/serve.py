@@ -31,6 +31,8 @@ SETTING_OPTIONS = (
     ("--block-tokens", int, "tokens per KV block"),
     ("--shared-dir", str, "the cluster's shared tier: a directory every node mounts"),
     ("--max-tokens", int, "max_tokens of a request that sets none"),
+    ("--step-tokens", int, "tokens one batched forward step of a replica computes at most"),
+    ("--max-sequences", int, "conversations one step of a replica computes at most (1: no batching)"),
 )
 
 

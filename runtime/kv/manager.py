@@ -36,11 +36,12 @@ MODES = ("exact", "sparse")
 
 
 class BlocksLost(KeyError):
-    """Block `index` of `layer` (and maybe later ones) is in no tier any more: recompute from there."""
+    """Block `index` of `layer` (and maybe later ones) of sequence `namespace` is in no tier any
+    more: recompute from there."""
 
-    def __init__(self, layer: int, index: int) -> None:
+    def __init__(self, layer: int, index: int, namespace: str = "") -> None:
         super().__init__(f"block {index} of layer {layer} is no longer stored")
-        self.layer, self.index = layer, index
+        self.layer, self.index, self.namespace = layer, index, namespace
 
 
 @dataclass
@@ -161,7 +162,7 @@ class KVManager:
                 self.store.write_tokens(keys[index], offset, k[:, done : done + take], v[:, done : done + take])
             except (KeyError, ValueError) as error:
                 if offset and keys[index] not in self.store:  # the partial block was lost below
-                    raise BlocksLost(layer, index) from error
+                    raise BlocksLost(layer, index, self.namespace) from error
                 raise
             done += take
         if self.sparse is not None:
@@ -292,7 +293,7 @@ class KVManager:
             held = self.store.holding(keys)
             if False in held and (first is None or held.index(False) < first[1]):
                 first = (index, held.index(False))
-        return BlocksLost(*(first or (layer, 0)))
+        return BlocksLost(*(first or (layer, 0)), self.namespace)
 
     def keys(self) -> list[BlockKey]:
         """Every block key of the sequence, all layers."""

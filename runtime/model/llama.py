@@ -1,8 +1,11 @@
 """A compact Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) whose attention
-calls an AttentionBackend instead of keeping a KV cache itself. Batch size 1: one sequence."""
+calls an AttentionBackend instead of keeping a KV cache itself. `forward` runs one sequence's new
+tokens; `forward_batch` runs the new tokens of several sequences in one step: the matrix
+multiplications once over the packed tokens, attention per sequence through that sequence's backend."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,16 @@ class LayerWeights:
     mlp_norm: Tensor  # [hidden]
     gate_up: Tensor  # [2 * intermediate, hidden]
     down: Tensor  # [hidden, intermediate]
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One sequence's part of a batched step: its new tokens (a prefill chunk or one decode token)."""
+
+    token_ids: Tensor  # [n] int64
+    positions: Tensor  # [n] int64, consecutive, continuing what `kv` holds
+    kv: AttentionBackend  # the sequence's KV cache
+    last_only: bool = False  # logits for the last token only (a prefill chunk whose other rows nobody reads)
 
 
 class Model:
@@ -127,16 +140,36 @@ class Model:
             raise ValueError(f"a context of {last + 1} tokens exceeds this model's maximum of {limit} "
                              f"(max_position_embeddings)")
 
-    @torch.inference_mode()
     def forward(self, token_ids: Tensor, positions: Tensor, kv: AttentionBackend) -> Tensor:
         """Logits for the next token after each of `token_ids`.
 
         token_ids, positions: [n] int64 (positions contiguous, continuing what `kv` holds). `kv` receives
         each layer's new keys and values and computes attention. Returns [n, vocab] float32."""
-        self.check_inputs(token_ids, positions, kv)
-        token_ids, positions = token_ids.to(self.device), positions.to(self.device)
-        cfg, n = self.config, token_ids.numel()
+        return self.forward_batch([StepInput(token_ids, positions, kv)])[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, parts: Sequence[StepInput]) -> list[Tensor]:
+        """One step over several sequences (continuous batching): their new tokens are packed, every
+        matrix multiplication runs once over all of them, and attention runs per sequence over that
+        sequence's own KV (ragged: the sequences may hold any number of tokens).
+
+        Returns, per part, its logits: [n, vocab] float32, or [1, vocab] for its last token when
+        `last_only`. Every part is checked before any work; an error in a backend's attention ends
+        the step with some layers of some parts appended (their callers truncate them)."""
+        if not parts:
+            raise ValueError("forward_batch needs at least one StepInput")
+        for part in parts:
+            self.check_inputs(part.token_ids, part.positions, part.kv)
+        cfg = self.config
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        sizes = [part.token_ids.numel() for part in parts]
+        bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]  # part i's rows are bounds[i]:bounds[i + 1]
+        if len(parts) == 1:
+            token_ids, positions = parts[0].token_ids.to(self.device), parts[0].positions.to(self.device)
+        else:
+            token_ids = torch.cat([part.token_ids for part in parts]).to(self.device)  # [n]
+            positions = torch.cat([part.positions for part in parts]).to(self.device)  # [n]
+        n = token_ids.numel()
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # each [n, 1, head_dim]
         x = self.embedding[token_ids]  # [n, hidden]
         for index, layer in enumerate(self.layers):
@@ -144,10 +177,18 @@ class Model:
             qk, v = F.linear(h, layer.qkv, layer.qkv_bias).split(self._qk_v_sizes, dim=1)  # [n, (heads + kv_heads) * head_dim], [n, kv_heads * head_dim]
             qk = apply_rope(qk.view(n, heads + kv_heads, head_dim), cos, sin).transpose(0, 1)  # [heads + kv_heads, n, head_dim]
             v = v.view(n, kv_heads, head_dim).transpose(0, 1)  # [kv_heads, n, head_dim]
-            attended = kv.attend(index, qk[:heads], qk[heads:], v, positions)  # [heads, n, head_dim]
+            attended = torch.cat([  # [heads, n, head_dim]: each sequence over its own cache
+                part.kv.attend(index, qk[:heads, a:b], qk[heads:, a:b], v[:, a:b], positions[a:b])
+                for part, a, b in zip(parts, bounds, bounds[1:])
+            ], dim=1) if len(parts) > 1 else parts[0].kv.attend(index, qk[:heads], qk[heads:], v, positions)
             x = x + F.linear(attended.transpose(0, 1).reshape(n, self._q_size), layer.out, layer.out_bias)
             gate, up = F.linear(self._norm(x, layer.mlp_norm), layer.gate_up).chunk(2, dim=-1)  # each [n, intermediate]
             x = x + F.linear(F.silu(gate) * up, layer.down)
-        return F.linear(self._norm(x, self.final_norm), self.lm_head).float()  # [n, vocab]
+        if any(part.last_only for part in parts):  # the vocabulary projection only for rows someone reads
+            rows = [(b - 1, b) if part.last_only else (a, b) for part, a, b in zip(parts, bounds, bounds[1:])]
+            x = torch.cat([x[a:b] for a, b in rows])
+            sizes = [b - a for a, b in rows]
+        logits = F.linear(self._norm(x, self.final_norm), self.lm_head).float()  # [rows, vocab]
+        return list(logits.split(sizes)) if len(parts) > 1 else [logits]
 
     __call__ = forward

@@ -240,5 +240,7 @@ def build(args: dict) -> serve.Application:
         store_config = dataclasses.replace(store_config, shared_dir=str(shared))
     replicas = replica_deployment(settings.workers, gpus > 0, settings.cpus_per_worker, settings.table_key,
                                   settings.routing).bind(settings.model, store_config, "float32",
-                                                         "cuda" if gpus else "cpu")
+                                                         "cuda" if gpus else "cpu",
+                                                         {"step_tokens": settings.step_tokens,
+                                                          "max_sequences": settings.max_sequences})
     return Ingress.bind(replicas, settings.model_dump())

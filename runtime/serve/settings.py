@@ -37,6 +37,8 @@ class ServeSettings(BaseModel):
     block_tokens: int = Field(64, ge=1, description="tokens per block")
     shared_dir: str | None = Field(None, description="the cluster's shared tier, a directory every node mounts")
     routing: str = Field("prefix-affinity", description="how new conversations are placed (policies.ROUTING)")
+    step_tokens: int = Field(512, ge=1, description="tokens one batched forward step of a replica computes at most")
+    max_sequences: int = Field(64, ge=1, description="conversations one step of a replica computes at most (1: no batching)")
     api_keys: tuple[str, ...] = Field((), validate_default=True, description=f"bearer keys; empty: {API_KEY_ENV}, else no auth")
     no_reuse: bool = Field(False, description="every request gets its own salt: no prefix is ever reused")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a request that sets none")

@@ -7,8 +7,10 @@ B; a replica killed mid-conversation is replaced and the conversation goes on un
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -24,6 +26,7 @@ from .tiny_models import write_hf_dir  # noqa: E402
 BLOCK_TOKENS = 16
 CONFIG = StoreConfig(device="cpu", device_bytes=1 << 20, host_bytes=1 << 20, block_tokens=BLOCK_TOKENS)
 NEW_TOKENS = 6
+LONG_TOKENS = 48
 pytestmark = pytest.mark.timeout(420)
 
 
@@ -97,6 +100,37 @@ def test_four_sessions_on_two_replicas_equal_in_process_sessions(cluster, tiny_m
         handles[sid].close()
     with pytest.raises(KeyError):
         cluster.worker_of("conv-0")
+
+
+def test_concurrent_sessions_share_their_replicas_forward_steps(cluster, tiny_model):
+    """Four conversations at once from four threads: each replica batches its two sessions'
+    decodes into shared steps, and every conversation still equals its in-process twin."""
+    turns = [[prompt(40 + i, 30 + 7 * i)] for i in range(4)]
+    expected = [reference_long(tiny_model, t) for t in turns]
+    before = {r: d["batching"]["shared_steps"] for r, d in cluster.stats()["replicas"].items()}
+    start = threading.Barrier(4)
+
+    def talk(conversation: list[list[int]]) -> list[int]:
+        session = cluster.open()
+        try:
+            session.extend(conversation[0])
+            start.wait(timeout=60)
+            session.generate(LONG_TOKENS)
+            return list(session.tokens)
+        finally:
+            session.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(talk, turns)) == expected
+    after = cluster.stats()["replicas"]
+    assert sum(d["batching"]["shared_steps"] - before.get(r, 0) for r, d in after.items()) > 0
+
+
+def reference_long(model, turns: list[list[int]]) -> list[int]:
+    with Session(model, CONFIG) as session:
+        session.extend(turns[0])
+        session.generate(LONG_TOKENS)
+        return list(session.tokens)
 
 
 def test_a_new_session_sharing_a_prefix_goes_to_its_replica_unless_it_is_overloaded(cluster):
