@@ -87,8 +87,6 @@ class StoreConfig:
         "layer count of the model, or None: with it, the device tier gives each layer an equal share of its "
         "slots, so a sequence's blocks of one layer sit in consecutive slots that attention reads in place; "
         "keys' layers must then be below it"))
-    prefetch_threads: Positive = field(default=1, metadata=doc(
-        "threads that move blocks up in the background (TieredStore.prefetch)"))
     fingerprint: str = field(default="", metadata=doc(
         "the model's identity (architecture, weights hash, ...), recorded in the disk directory with "
         "block_tokens, disk_codec and the dtype: a directory written under another identity is refused; "

@@ -38,3 +38,22 @@ class StoreCounters:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(slots=True)
+class SchedulerCounters:
+    """What the prefetch scheduler (tiered.scheduler) did with the blocks plans asked for."""
+
+    requested_blocks: int = 0  # (key, priority) requests of every plan
+    joined_requests: int = 0  # of those, requests that joined a move already queued or running
+    moved_blocks: int = 0  # moves that brought their block up
+    up_blocks: int = 0  # moves that found their block on the device already
+    skipped_blocks: int = 0  # moves with nothing to do: gone, being read, or no unprotected room
+    cancelled_blocks: int = 0  # queued moves cancelled: superseded by a newer plan, or the store closed
+    failed_blocks: int = 0  # moves that raised; the block stayed where it lay (or was found damaged)
+    last_error: str = ""  # the last failed move's key and error
+    stall_s: float = 0.0  # time reads waited for blocks that were requested but not yet up
+    stalled_reads: int = 0  # reads that waited
+
+    def as_dict(self) -> dict:
+        return asdict(self)

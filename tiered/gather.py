@@ -33,7 +33,7 @@ class DenseRun:
 @dataclass(frozen=True, slots=True)
 class EncodedRun:
     """Blocks of one lower tier as that tier stores them: `items[i]` (in `codec`) holds the tokens
-    from position starts[i] on. Valid while the store's lock is held."""
+    from position starts[i] on. Valid while the read holds its blocks (they do not move meanwhile)."""
 
     codec: Codec
     items: list[Encoded]
@@ -76,6 +76,8 @@ def _locate(placement: Placement, keys: list[BlockKey], touch: bool) -> tuple[li
         raise ValueError("only the last block read may be partial")
     for t in tiers:
         placement.counters[t].hits += 1
+    if placement.moved_unread:
+        placement.note_read(key for key, t in zip(keys, tiers) if t == DEVICE)
     if touch:
         step = placement.tick()
         for key, t in zip(keys, tiers):
@@ -100,6 +102,8 @@ def _device_run(placement: Placement, keys: list[BlockKey], touch: bool) -> tupl
         if entry is None or entry[0] != first[0] + offset or entry[1] != full:
             return None
     placement.counters[DEVICE].hits += len(keys)
+    if placement.moved_unread:
+        placement.note_read(keys)
     if touch:
         step = placement.tick()
         for key in keys:

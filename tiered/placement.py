@@ -4,6 +4,9 @@ A block lives in exactly one tier. When a tier has no room, its eviction policy 
 which move one tier down through that tier's codec (and leave the store from the bottom tier);
 promotion brings a block up to the device tier. Not thread-safe: TieredStore holds its lock
 around every call.
+
+Blocks under read (`reading`: a read's views and payloads are in use outside the store's lock)
+never move: they are never chosen as victims, and promoting or removing one is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from .tier import Tier
 
 DEVICE = 0  # index of the top tier
 VICTIM_SCAN = 4096  # candidates looked through for a block no session reads before taking one that one does
+
+
+class NoRoom(RuntimeError):
+    """A tier cannot make room without moving a block that may not move."""
 
 
 class Placement:
@@ -54,6 +61,12 @@ class Placement:
         self.persisted: set[BlockKey] = set()
         self.refs: Counter[BlockKey] = Counter()  # readers (sessions) of each block; see TieredStore.retain
         self.pinned: Counter[BlockKey] = Counter()  # blocks of sessions computing now; see TieredStore.pinning
+        self.reading: Counter[BlockKey] = Counter()  # blocks under read now: they do not move
+        self.link_bytes: Counter[str] = Counter()  # bytes moved per tier link, e.g. "host->device"
+        # prefetch precision: blocks a prefetch moved up, until read (used) or moved out unread (wasted)
+        self.moved_unread: set[BlockKey] = set()
+        self.prefetch_used = 0
+        self.prefetch_wasted = 0
 
     @property
     def device_tier(self) -> DeviceTier:
@@ -116,17 +129,36 @@ class Placement:
         stats.last_access_step = step
         self.policies[t].on_update(key, stats)
 
-    def promote(self, key: BlockKey, t: int, protected: Collection[BlockKey] = ()) -> bool:
-        """Move `key` from tier t to the device tier; False if the tier could not return it intact."""
+    def note_read(self, keys: Iterable[BlockKey]) -> None:
+        """Count reads of prefetched blocks (for prefetch precision); `keys` are on the device."""
+        for key in keys:
+            if key in self.moved_unread:
+                self.moved_unread.discard(key)
+                self.prefetch_used += 1
+
+    def promote(
+        self,
+        key: BlockKey,
+        t: int,
+        protected: Collection[BlockKey] = (),
+        keep_pinned: bool = False,
+        item: Encoded | None = None,
+    ) -> int:
+        """Move `key` from tier t to the device tier; the bytes read out of tier t, or 0 if the tier
+        could not return it intact. `protected` (and with `keep_pinned`, pinned) blocks are not
+        evicted to make room: NoRoom instead. RuntimeError for a block under read. `item`: the
+        block as tier t returned it already (read by the caller outside the store's lock)."""
+        if self.reading[key]:
+            raise RuntimeError(f"{key} is being read: it cannot move now")
         tier = self.tiers[t]
-        item = tier.get(key)
+        item = tier.get(key) if item is None else item
         if item is None:  # the tier found the record damaged and dropped it
             self.forget([key], t)
-            return False
+            return 0
         if self.layout is None:  # a store reopened over a persistent tier: the first block sets it
             self.allocate(self.layout_for([self.codecs[t].decode(item, self.device)]))
         stats = self.stats[t][key]
-        self.make_room(DEVICE, self.device_tier.slot_bytes, key, leaving=key, protected=protected)
+        self.make_room(DEVICE, self.device_tier.slot_bytes, key, leaving=key, protected=protected, keep_pinned=keep_pinned)
         slot = self.device_tier.reserve(key, item.shape[1])
         try:  # decoded straight into the slot; tier t's copy stays until this succeeded
             self.codecs[t].decode_into(item, slot.keys, slot.values)
@@ -142,8 +174,9 @@ class Placement:
         self.counters[t].promotions += 1
         self.counters[t].bytes_out += item.nbytes
         self.counters[DEVICE].bytes_in += slot.nbytes
+        self.link_bytes[f"{tier.name}->{self.device_tier.name}"] += item.nbytes
         self.track(key, DEVICE, self.device_tier.slot_bytes, stats=stats)
-        return True
+        return item.nbytes
 
     def make_room(
         self,
@@ -152,11 +185,14 @@ class Placement:
         for_key: BlockKey,
         leaving: BlockKey | None = None,
         protected: Collection[BlockKey] = (),
+        keep_pinned: bool = False,
     ) -> None:
         """Demote victims from tier t until `nbytes` fit in the room `for_key` goes to.
 
         `leaving` is about to leave its tier (it counts as free space there and is never chosen);
-        `protected` keys are never chosen.
+        `protected` keys and blocks under read are never chosen, nor pinned ones with `keep_pinned`
+        (a scheduled move's rule: it never evicts what a computation is about to read). NoRoom
+        when no victim is left.
         """
         tier = self.tiers[t]
         if tier.evicts_itself:
@@ -166,19 +202,24 @@ class Placement:
         if leaving in self.stats[t] and tier.room_of(leaving) == room:
             credit = self.stats[t][leaving].nbytes
         while tier.free_bytes_for(for_key) + credit < nbytes:
-            victim = self._victim(t, room, leaving, protected)
+            victim = self._victim(t, room, leaving, protected, keep_pinned)
             if victim is None:
-                raise RuntimeError(f"the {tier.name} tier cannot make room for {nbytes} bytes")
-            self.demote(victim, t, leaving)
+                raise NoRoom(f"the {tier.name} tier cannot make room for {nbytes} bytes")
+            self.demote(victim, t, leaving, keep_pinned)
 
-    def _victim(self, t: int, room: int, leaving: BlockKey | None, protected: Collection[BlockKey]) -> BlockKey | None:
+    def _victim(
+        self, t: int, room: int, leaving: BlockKey | None, protected: Collection[BlockKey], keep_pinned: bool = False
+    ) -> BlockKey | None:
         """The policy's first candidate in `room`. Out of the bottom tier (out of the store), among
         the next VICTIM_SCAN: the first that no session reads, else the first that no session is
         computing with (pinned), else the policy's first."""
         tier, bottom, scanned = self.tiers[t], t == len(self.tiers) - 1, 0
         fallback: list[BlockKey | None] = [None, None]  # first referenced, first pinned
+        reading, pinned = self.reading, self.pinned
         for key in self.policies[t].candidates():
-            if key == leaving or key in protected or tier.room_of(key) != room:
+            if key == leaving or key in protected or tier.room_of(key) != room or reading[key]:
+                continue
+            if keep_pinned and pinned[key]:
                 continue
             if not bottom or not self.refs[key]:
                 return key
@@ -189,7 +230,7 @@ class Placement:
                 break
         return fallback[0] if fallback[0] is not None else fallback[1]
 
-    def demote(self, key: BlockKey, t: int, leaving: BlockKey | None = None) -> None:
+    def demote(self, key: BlockKey, t: int, leaving: BlockKey | None = None, keep_pinned: bool = False) -> None:
         """Move `key` from tier t one tier down, or out of the store from the bottom tier.
 
         If the lower tier fails, the block stays where it was and the error propagates.
@@ -213,7 +254,7 @@ class Placement:
         target = self.tiers[t + 1]
         encoded = self.encode_for(t + 1, item, t)
         nbytes = target.charge(encoded)
-        self.make_room(t + 1, nbytes, key, leaving)
+        self.make_room(t + 1, nbytes, key, leaving, keep_pinned=keep_pinned)
         dropped = target.put(key, encoded)
         stats = self.untrack(key)
         source.remove(key)
@@ -221,6 +262,7 @@ class Placement:
         self.counters[t].evictions += 1
         self.counters[t].bytes_out += item.nbytes
         self.counters[t + 1].bytes_in += encoded.nbytes
+        self.link_bytes[f"{source.name}->{target.name}"] += encoded.nbytes
         self.forget(dropped, t + 1, leaving)
 
     def encode_for(self, t: int, item: KVBlock | Encoded, source: int) -> Encoded:
@@ -260,7 +302,10 @@ class Placement:
         return stats
 
     def remove(self, key: BlockKey) -> None:
-        """Remove `key` from its tier (and its written-through copy) and forget it."""
+        """Remove `key` from its tier (and its written-through copy) and forget it. RuntimeError for a
+        block under read (its views would change under the reader)."""
+        if self.reading[key]:
+            raise RuntimeError(f"{key} is being read: it cannot be removed now")
         t = self.where[key]
         self.untrack(key)
         self.tiers[t].remove(key)
@@ -272,13 +317,20 @@ class Placement:
         """Forget where `key` lives (its tier still holds it); its statistics."""
         t = self.where.pop(key)
         self.policies[t].on_remove(key)
+        if t == DEVICE and key in self.moved_unread:  # prefetched, and leaves the device unread
+            self.moved_unread.discard(key)
+            self.prefetch_wasted += 1
         return self.stats[t].pop(key)
 
     def rename(self, old: BlockKey, new: BlockKey) -> None:
         """Relabel the block of `old` as `new` (absent) where it lies, statistics and all."""
         t = self.where[old]
         dropped = self.tiers[t].rename(old, new)
+        unread = old in self.moved_unread
+        self.moved_unread.discard(old)
         stats = self.untrack(old)
+        if unread:
+            self.moved_unread.add(new)
         self.stats[t][new] = stats
         self.policies[t].on_insert(new, stats)
         self.where[new] = t
@@ -294,6 +346,7 @@ class Placement:
         self.persisted.add(key)
         self.forget(dropped, self.persistent)
         self.counters[self.persistent].bytes_in += encoded.nbytes
+        self.link_bytes[f"{self.tiers[t].name}->{self.tiers[self.persistent].name}"] += encoded.nbytes
         return encoded.nbytes
 
     def forget(self, keys: Iterable[BlockKey], t: int, leaving: BlockKey | None = None) -> None:

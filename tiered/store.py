@@ -2,8 +2,11 @@
 
 A block lives in one tier. `put` lands in the device tier; when a tier has no room its
 eviction policy names victims, which move one tier down through that tier's codec (and leave
-the store from the bottom tier); `get` promotes to the device tier; `prefetch` promotes in the
-background. One lock serializes every operation, so the store is safe to share between threads.
+the store from the bottom tier); `get` promotes to the device tier; `prefetch` hands moves up to
+the prefetch scheduler (tiered.scheduler), whose mover runs them in the background, most urgent
+first. One lock serializes every change of placement, so the store is safe to share between
+threads; reads (`reading`, `reading_parts`) hold it only to find and pin their blocks, so moves of
+other blocks go on while attention reads. A read of a block that is queued to move waits for it.
 
 Sessions share full blocks by content (tiered.content): `seal` relabels a filled block with its
 content key (or finds that key already stored and drops the copy), `retain`/`release` count the
@@ -16,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -34,7 +37,8 @@ from .device import DeviceTier
 from .disk import DiskTier
 from .gather import DenseRun, EncodedRun, read_joined, read_parts
 from .host import HostTier
-from .placement import DEVICE, Placement
+from .placement import DEVICE, NoRoom, Placement
+from .scheduler import MOVED, SKIPPED, UP, Priority, Scheduler
 from .shared import SharedTier
 from .tier import Tier
 
@@ -69,7 +73,6 @@ class TieredStore:
         self._counters = StoreCounters()
         self._lock = threading.RLock()
         self._closed = False
-        self._executor = ThreadPoolExecutor(config.prefetch_threads, thread_name_prefix="tiered-prefetch")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tiered-write-through")
         self._pending_writes: list[BlockKey] = []
         self._write_job: Future | None = None
@@ -79,10 +82,13 @@ class TieredStore:
                 held = tiers[t].held(key)
                 if held is not None:
                     self._place.track(key, t, held[0], tokens=held[1])
+        self._scheduler = Scheduler(self._move_up)  # last: its mover thread starts here
 
-    @staticmethod
-    def _open_disk(config: StoreConfig, codec: Codec) -> Tier:
-        return DiskTier(
+    disk_tier_type: type[DiskTier] = DiskTier  # the disk tier's class (a test's subclass may slow or fail it)
+
+    @classmethod
+    def _open_disk(cls, config: StoreConfig, codec: Codec) -> Tier:
+        return cls.disk_tier_type(
             config.disk_dir,
             config.disk_bytes,
             codec=codec.spec,
@@ -138,6 +144,7 @@ class TieredStore:
         keys = list(keys)
         for key in keys:
             _check_key(key)
+        self._scheduler.wait_for(keys)
         with self._lock:
             self._check_open()
             return [self._get_locked(key) for key in keys]
@@ -199,7 +206,8 @@ class TieredStore:
         self, keys: Sequence[BlockKey], touch: bool = False, limit_tokens: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Keys and values of `keys` joined along tokens, in order: two [kv_heads, tokens, head_dim]
-        tensors on the store's device, valid inside the `with` block (the store's lock is held).
+        tensors on the store's device, valid inside the `with` block (the blocks are held in place:
+        they do not move or leave until it ends; the store's lock is not held meanwhile).
 
         Blocks in consecutive device slots (all full but the last) are read as views of the device
         pool, without a copy; otherwise the blocks are gathered into new tensors, and blocks below
@@ -208,12 +216,17 @@ class TieredStore:
         for the eviction policy. `limit_tokens` cuts the result to that many tokens.
         """
         keys = _checked_keys(keys)
+        self._scheduler.wait_for(keys)
         with self._lock:
             self._check_open()
             keys_read, values_read = read_joined(self._place, keys, touch)
+            self._place.reading.update(keys)
+        try:
             if limit_tokens is not None:
                 keys_read, values_read = keys_read[:, :limit_tokens], values_read[:, :limit_tokens]
             yield keys_read, values_read
+        finally:
+            self._unpin_read(keys)
 
     @contextmanager
     def reading_parts(
@@ -222,11 +235,18 @@ class TieredStore:
         """`keys` (one sequence's blocks of a layer, in order) as parts for attention that reads
         quantized blocks where they lie (tiered.gather.read_parts): full-precision runs of the device
         pool, and each quantizing lower tier's payloads as stored. Valid inside the `with` block
-        (the store's lock is held). Counts, KeyError and `limit_tokens` as for `reading`."""
+        (the blocks are held in place, as for `reading`). Counts, KeyError and `limit_tokens` as
+        for `reading`."""
         keys = _checked_keys(keys)
+        self._scheduler.wait_for(keys)
         with self._lock:
             self._check_open()
-            yield read_parts(self._place, keys, touch, limit_tokens)
+            parts = read_parts(self._place, keys, touch, limit_tokens)
+            self._place.reading.update(keys)
+        try:
+            yield parts
+        finally:
+            self._unpin_read(keys)
 
     def set_score(self, key: BlockKey, score: float) -> None:
         """Set the importance score the eviction policy sees for `key` (ignored if absent)."""
@@ -370,25 +390,57 @@ class TieredStore:
             self._counters.removes += 1
             return True
 
-    def prefetch(self, keys: Iterable[BlockKey]) -> Future:
-        """Start moving `keys` up to the device tier in the background.
+    def prefetch(
+        self,
+        keys: Iterable[BlockKey],
+        layers_ahead: int | Sequence[int] = 1,
+        scores: Sequence[float] | None = None,
+        plan: Hashable | None = None,
+    ) -> Future:
+        """Ask the prefetch scheduler to move `keys` (most urgent first) up to the device tier.
 
-        The future resolves to the number of blocks moved. Keys not stored, or already on the
-        device, are skipped; at most as many blocks as the device tier holds are moved.
+        layers_ahead  per key (or one for all): layer computations until attention reads it
+                      (1: the next layer; `layers`: this layer at the next step); sooner runs first
+        scores        per key: the importance estimate, higher first among equally soon blocks
+        plan          whose plan this is, e.g. (sequence, layer that planned): it supersedes that
+                      name's live plan, whose queued moves not asked for again are cancelled;
+                      None supersedes nothing
+
+        The Future resolves to the number of blocks moved for this plan, or to the first error
+        of its moves (the block then stays where it lay). Keys not stored are skipped. The plan's
+        moves never evict a block it has moved up or found up, a pinned block or one under read:
+        they stop when the device has no other room.
         """
         keys = list(keys)
         for key in keys:
             _check_key(key)
+        ahead = [layers_ahead] * len(keys) if isinstance(layers_ahead, int) else list(layers_ahead)
+        weights = [0.0] * len(keys) if scores is None else list(scores)
+        if len(ahead) != len(keys) or len(weights) != len(keys):
+            raise ValueError(f"prefetch of {len(keys)} keys got {len(ahead)} layers_ahead and {len(weights)} scores")
+        priorities = [Priority(a, s) for a, s in zip(ahead, weights)]  # validates them
         with self._lock:
             self._check_open()
             self._counters.prefetch_requests += len(keys)
-            return self._executor.submit(self._prefetch, keys)
+            where = self._place.where
+            requests = [(key, priority) for key, priority in zip(keys, priorities) if key in where]
+            return self._scheduler.submit(requests, plan=plan)
 
     def stats(self) -> dict:
         """Counters of everything the store did, plus per-tier blocks and used/capacity bytes."""
         with self._lock:
             place = self._place
             out = self._counters.as_dict()
+            prefetch = self._scheduler.counters_now()
+            out["stall_s"] = prefetch.pop("stall_s")
+            moved = prefetch["moved_blocks"]
+            prefetch.update(
+                used_blocks=place.prefetch_used,  # moved blocks read before they left the device
+                wasted_blocks=place.prefetch_wasted,  # moved blocks that left the device unread
+                precision=place.prefetch_used / moved if moved else None,
+            )
+            out["prefetch"] = prefetch
+            out["link_bytes"] = dict(place.link_bytes)
             out["step"] = place.step
             out["persisted_blocks"] = len(place.persisted)
             out["referenced_blocks"] = len(place.refs)
@@ -424,7 +476,7 @@ class TieredStore:
             if self._closed:
                 return
             self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._scheduler.close()  # queued moves cancelled, the running one finishes
         self._writer.shutdown(wait=True)  # queued write-throughs finish: sealed blocks reach the disk
         with self._lock:
             for tier in self._place.tiers:
@@ -461,6 +513,14 @@ class TieredStore:
         if t is None:
             self._counters.misses += 1
             return None
+        if t != DEVICE and place.reading[key]:  # under read elsewhere, so it stays: a copy from where it lies
+            item = place.tiers[t].get(key)
+            if item is None:
+                self._counters.misses += 1
+                return None
+            self._counters.hits += 1
+            place.counters[t].hits += 1
+            return place.codecs[t].decode(item, self.device)
         if t != DEVICE:
             start_s = time.perf_counter()
             promoted = place.promote(key, t)
@@ -470,6 +530,7 @@ class TieredStore:
                 place.counters[t].misses += 1
                 return None
         place.touch(key, DEVICE, step)
+        place.note_read([key])
         self._counters.hits += 1
         place.counters[t].hits += 1
         return place.device_tier.get(key).clone()
@@ -501,31 +562,52 @@ class TieredStore:
                     self._counters.write_through_blocks += nbytes > 0
                     self._counters.write_through_bytes += nbytes
 
-    def _prefetch(self, keys: list[BlockKey]) -> int:
-        """Promote `keys` in order; the batch's blocks on the device are not evicted by the batch."""
-        place = self._place
-        moved = 0
-        batch: set[BlockKey] = set()
-        per_room: Counter[int] = Counter()  # batch blocks on the device, per room
-        device = place.device_tier
-        for key in keys:
-            with self._lock:
-                if self._closed:
-                    break
-                t = place.where.get(key)
-                room = device.room_of(key)
-                if t is None or key in batch or (self.layout is not None and per_room[room] >= device.room_slots):
-                    continue
-                if t != DEVICE:
-                    if not place.promote(key, t, protected=batch):
-                        continue
-                    place.counters[t].prefetched += 1
-                    moved += 1
-                place.touch(key, DEVICE, place.tick(), hit=False)
-                batch.add(key)
-                per_room[room] += 1
-        return moved
+    def _unpin_read(self, keys: list[BlockKey]) -> None:
+        with self._lock:
+            reading = self._place.reading
+            for key in keys:
+                if reading[key] <= 1:
+                    reading.pop(key, None)
+                else:
+                    reading[key] -= 1
 
+    def _move_up(self, key: BlockKey, protected: set[BlockKey]) -> str:
+        """The scheduler's move: bring `key` up to the device (tiered.scheduler's MOVED), or find it
+        there (UP: it counts as an access), or SKIPPED when gone, under read, or without room but by
+        evicting a `protected` or pinned block. A lower tier's error propagates (the block stays
+        where it lay); a damaged block is dropped as get drops it, and KeyError says so.
+
+        The disk tier is thread-safe on its own (tiered.disk), so a block is read from it (file
+        I/O, decompression) without the store's lock; the move then happens under the lock if the
+        block is still the one read (same statistics object: not removed and stored again)."""
+        item = None
+        with self._lock:
+            place = self._place
+            t = place.where.get(key)
+            if t is None or place.reading[key]:  # (the tiers stay open until the mover has stopped)
+                return SKIPPED
+            if t == DEVICE:
+                place.touch(key, DEVICE, place.tick(), hit=False)
+                return UP
+            tier, stats = place.tiers[t], place.stats[t][key]
+        if isinstance(tier, DiskTier):
+            item = tier.get(key)  # an OSError leaves the block where it lies
+        with self._lock:
+            if place.where.get(key) != t or place.stats[t].get(key) is not stats or place.reading[key]:
+                return SKIPPED  # changed while it was read
+            if item is None and isinstance(tier, DiskTier):  # damaged: the disk tier dropped it
+                place.forget([key], t)
+                raise KeyError(f"{key} could not be read back from the {tier.name} tier")
+            try:
+                moved_bytes = place.promote(key, t, protected=protected, keep_pinned=True, item=item)
+            except NoRoom:
+                return SKIPPED
+            if not moved_bytes:
+                raise KeyError(f"{key} could not be read back from the {place.tiers[t].name} tier")
+            place.counters[t].prefetched += 1
+            place.moved_unread.add(key)
+            place.touch(key, DEVICE, place.tick(), hit=False)
+            return MOVED
 
 def _checked_keys(keys: Iterable[BlockKey]) -> list[BlockKey]:
     keys = list(keys)

@@ -1,9 +1,14 @@
 """The prefetch contract: which blocks of which layer to bring up before attention reads them.
 
 The KV manager calls `plan(view)` right after layer `view.layer` has attended at a decode step
-(its estimator already updated), hands the requests to the prefetch scheduler, and changes
-nothing else on the policy's account: planning has no side effects. Requests come most urgent
-first; blocks already on the device cost nothing and the scheduler skips them.
+(its estimator already updated), hands the requests to the prefetch scheduler (tiered.scheduler),
+and changes nothing else on the policy's account: planning has no side effects. Requests come most
+urgent first; blocks already on the device cost nothing.
+
+How soon a request is needed follows from its layer: a layer after `view.layer` is read later in
+this decode step, one at or before it at the next step. The scheduler's priority is that distance
+in layer computations, (request.layer - view.layer - 1) % layers + 1: 1 for the next layer,
+`layers` for this layer at the next step.
 """
 
 from __future__ import annotations
@@ -18,14 +23,10 @@ from ..importance.tensors import check_nonnegative_int, check_positive_int
 
 @dataclass(frozen=True)
 class PrefetchRequest:
-    """Bring blocks `indices` (most urgent first) of `layer` up to the device.
-
-    step_offset  0: needed later in this decode step; 1: at the next decode step
-    """
+    """Bring blocks `indices` (most urgent first) of `layer` up to the device."""
 
     layer: int
     indices: tuple[int, ...]
-    step_offset: int
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class PrefetchPolicy(ABC):
         for request in self._plan(view):
             indices = request.indices if left is None else request.indices[:left]
             if indices:
-                plan.append(PrefetchRequest(request.layer, tuple(indices), request.step_offset))
+                plan.append(PrefetchRequest(request.layer, tuple(indices)))
                 left = None if left is None else left - len(indices)
         return plan
 

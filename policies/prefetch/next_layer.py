@@ -25,4 +25,4 @@ class NextLayer(PrefetchPolicy):
         indices = select_unprotected(
             scores, budget_blocks=view.budget_blocks, sink_blocks=view.sink_blocks, window_blocks=view.window_blocks
         )
-        return [PrefetchRequest(view.layer + 1, indices, step_offset=0)]
+        return [PrefetchRequest(view.layer + 1, indices)]

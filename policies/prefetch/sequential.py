@@ -15,4 +15,4 @@ class Sequential(PrefetchPolicy):
     def _plan(self, view: PrefetchView) -> list[PrefetchRequest]:
         indices = tuple(range(view.blocks))
         order = list(range(view.layer + 1, view.layers)) + list(range(view.layer + 1))
-        return [PrefetchRequest(layer, indices, step_offset=int(layer <= view.layer)) for layer in order]
+        return [PrefetchRequest(layer, indices) for layer in order]

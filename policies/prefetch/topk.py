@@ -21,4 +21,4 @@ class TopK(PrefetchPolicy):
             sink_blocks=view.sink_blocks,
             window_blocks=view.window_blocks,
         )
-        return [PrefetchRequest(view.layer, indices, step_offset=1)]
+        return [PrefetchRequest(view.layer, indices)]

@@ -220,7 +220,7 @@ class KVManager:
         # adopted blocks may lie on host or disk: bring them up in the background, layer by layer
         # (the order attention reads them), so that decoding reads them from the device
         adopted = [key for keys in self.block_keys for key in keys[first : first + taken]]
-        self.store.prefetch(adopted)
+        self.store.prefetch(adopted, layers_ahead=[key.layer + 1 for key in adopted])  # layer 0 is read first
         self.counters.prefetched_blocks += len(adopted)
         return taken
 
@@ -280,7 +280,10 @@ class KVManager:
                 self.store.set_score(key, score)
         wanted_keys = [self.block_keys[lay][i] for lay, i in wanted if i < len(self.block_keys[lay])]
         if wanted_keys:
-            self.store.prefetch(wanted_keys)
+            # most urgent first: layer computations until each is read (policies.prefetch.base); this
+            # layer's plan at the next step cancels what is still queued of this one
+            self.store.prefetch(wanted_keys, layers_ahead=[(key.layer - layer - 1) % self.layers + 1 for key in wanted_keys],
+                                plan=(self.namespace, layer))
             self.counters.prefetched_blocks += len(wanted_keys)
         self.counters.attended_tokens += read
         self.counters.sparse_steps += 1

@@ -47,9 +47,21 @@ def test_plans_are_valid_deterministic_and_change_nothing(name, layer):
     assert policy.plan(v) == first == make_prefetch(name).plan(view(layer))
     for request in first:
         assert isinstance(request, PrefetchRequest)
-        assert 0 <= request.layer < LAYERS and request.step_offset in (0, 1)
+        assert 0 <= request.layer < LAYERS
         assert request.indices and all(0 <= i < BLOCKS for i in request.indices)
         assert len(set(request.indices)) == len(request.indices)
+
+
+def layers_ahead(layer: int, after: int) -> int:
+    """Layer computations until `layer` is read once `after` attended (policies.prefetch.base)."""
+    return (layer - after - 1) % LAYERS + 1
+
+
+@pytest.mark.parametrize("name", sorted(PREFETCH))
+@pytest.mark.parametrize("layer", range(LAYERS))
+def test_requests_come_most_urgent_first(name, layer):
+    ahead = [layers_ahead(r.layer, layer) for r in make_prefetch(name).plan(view(layer))]
+    assert ahead == sorted(ahead)
 
 
 @pytest.mark.parametrize("name", sorted(PREFETCH))
@@ -77,7 +89,7 @@ def test_none_asks_for_nothing():
 
 def test_next_layer_scores_the_next_layers_blocks_with_this_query():
     plan = make_prefetch("next-layer").plan(view(0))
-    assert [(r.layer, r.step_offset) for r in plan] == [(1, 0)]
+    assert [r.layer for r in plan] == [1]
     assert plan[0].indices[0] == 5  # the block whose key matches the query comes first
     assert len(plan[0].indices) == 5 - 1 - 2  # the budget minus sinks and window, which stay on the device
     assert not {0, BLOCKS - 1, BLOCKS - 2} & set(plan[0].indices)
@@ -89,14 +101,15 @@ def test_next_layer_scores_the_next_layers_blocks_with_this_query():
 def test_topk_asks_for_the_best_ranked_blocks_of_this_layer_next_step():
     scores = torch.tensor([9.0, 1, 8, 2, 7, 3, 6, 4, 5, 0, 0, 0])
     plan = make_prefetch("topk").plan(view(1, block_scores=scores))
-    assert plan == [PrefetchRequest(1, (2, 4), 1)]  # 0 is a sink, 10 and 11 the window
+    assert plan == [PrefetchRequest(1, (2, 4))]  # 0 is a sink, 10 and 11 the window
     with pytest.raises(ValueError, match="block_scores"):
         make_prefetch("topk").plan(view(1, block_scores=None))
 
 
 def test_sequential_walks_every_layer_in_order_from_the_next_one():
     plan = make_prefetch("sequential").plan(view(1))
-    assert [(r.layer, r.step_offset) for r in plan] == [(2, 0), (0, 1), (1, 1)]
+    assert [r.layer for r in plan] == [2, 0, 1]
+    assert [layers_ahead(r.layer, after=1) for r in plan] == [1, 2, LAYERS]  # most urgent first
     assert all(r.indices == tuple(range(BLOCKS)) for r in plan)
     resume = make_prefetch("sequential").plan(view(LAYERS - 1))  # before any step: the whole session
     assert [r.layer for r in resume] == [0, 1, 2]

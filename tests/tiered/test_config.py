@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
         ({"disk_compact_live_fraction": "half"}, TypeError, r"must be a number, got 'half' \(str\)"),
         ({"disk_durability": "always"}, ValueError, r"must be one of \['record', 'segment', 'never'\], got 'always'"),
         ({"fingerprint": "a\nb"}, ValueError, "fingerprint must be printable"),
-        ({"prefetch_threads": "2"}, TypeError, r"prefetch_threads must be int, got '2' \(str\)"),  # never coerced
+        ({"block_tokens": "2"}, TypeError, r"block_tokens must be int, got '2' \(str\)"),  # never coerced
     ],
 )
 def test_bad_options_name_the_option_the_value_and_the_expectation(overrides, error, words):
