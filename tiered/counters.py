@@ -44,7 +44,7 @@ class StoreCounters:
 class SchedulerCounters:
     """What the prefetch scheduler (tiered.scheduler) did with the blocks plans asked for."""
 
-    requested_blocks: int = 0  # (key, priority) requests of every plan
+    requested_blocks: int = 0  # blocks plans asked for that the store held
     joined_requests: int = 0  # of those, requests that joined a move already queued or running
     moved_blocks: int = 0  # moves that brought their block up
     up_blocks: int = 0  # moves that found their block on the device already

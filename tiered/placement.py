@@ -33,6 +33,26 @@ class NoRoom(RuntimeError):
     """A tier cannot make room without moving a block that may not move."""
 
 
+class ReadPins:
+    """The blocks of the reads in progress, one frozenset per read: reads are few and each holds
+    many keys, so pinning and unpinning a read cost one C-level set build, not a loop over keys."""
+
+    def __init__(self) -> None:
+        self._reads: list[frozenset[BlockKey]] = []
+
+    def add(self, keys: Iterable[BlockKey]) -> frozenset[BlockKey]:
+        """Pin `keys` for one read; pass what this returns to `discard` when the read ends."""
+        pinned = frozenset(keys)
+        self._reads.append(pinned)
+        return pinned
+
+    def discard(self, pinned: frozenset[BlockKey]) -> None:
+        self._reads.remove(pinned)
+
+    def __contains__(self, key: BlockKey) -> bool:
+        return any(key in read for read in self._reads)
+
+
 class Placement:
     """The tiers, top first, with each tier's codec (None for the device) and eviction policy.
 
@@ -61,7 +81,7 @@ class Placement:
         self.persisted: set[BlockKey] = set()
         self.refs: Counter[BlockKey] = Counter()  # readers (sessions) of each block; see TieredStore.retain
         self.pinned: Counter[BlockKey] = Counter()  # blocks of sessions computing now; see TieredStore.pinning
-        self.reading: Counter[BlockKey] = Counter()  # blocks under read now: they do not move
+        self.reading = ReadPins()  # blocks under read now: they do not move
         self.link_bytes: Counter[str] = Counter()  # bytes moved per tier link, e.g. "host->device"
         # prefetch precision: blocks a prefetch moved up, until read (used) or moved out unread (wasted)
         self.moved_unread: set[BlockKey] = set()
@@ -148,7 +168,7 @@ class Placement:
         could not return it intact. `protected` (and with `keep_pinned`, pinned) blocks are not
         evicted to make room: NoRoom instead. RuntimeError for a block under read. `item`: the
         block as tier t returned it already (read by the caller outside the store's lock)."""
-        if self.reading[key]:
+        if key in self.reading:
             raise RuntimeError(f"{key} is being read: it cannot move now")
         tier = self.tiers[t]
         item = tier.get(key) if item is None else item
@@ -158,7 +178,8 @@ class Placement:
         if self.layout is None:  # a store reopened over a persistent tier: the first block sets it
             self.allocate(self.layout_for([self.codecs[t].decode(item, self.device)]))
         stats = self.stats[t][key]
-        self.make_room(DEVICE, self.device_tier.slot_bytes, key, leaving=key, protected=protected, keep_pinned=keep_pinned)
+        slot_bytes = self.device_tier.slot_bytes
+        self.make_room(DEVICE, slot_bytes, key, leaving=key, protected=protected, keep_pinned=keep_pinned)
         slot = self.device_tier.reserve(key, item.shape[1])
         try:  # decoded straight into the slot; tier t's copy stays until this succeeded
             self.codecs[t].decode_into(item, slot.keys, slot.values)
@@ -217,7 +238,7 @@ class Placement:
         fallback: list[BlockKey | None] = [None, None]  # first referenced, first pinned
         reading, pinned = self.reading, self.pinned
         for key in self.policies[t].candidates():
-            if key == leaving or key in protected or tier.room_of(key) != room or reading[key]:
+            if key == leaving or key in protected or tier.room_of(key) != room or key in reading:
                 continue
             if keep_pinned and pinned[key]:
                 continue
@@ -304,7 +325,7 @@ class Placement:
     def remove(self, key: BlockKey) -> None:
         """Remove `key` from its tier (and its written-through copy) and forget it. RuntimeError for a
         block under read (its views would change under the reader)."""
-        if self.reading[key]:
+        if key in self.reading:
             raise RuntimeError(f"{key} is being read: it cannot be removed now")
         t = self.where[key]
         self.untrack(key)

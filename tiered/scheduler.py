@@ -126,8 +126,8 @@ class Scheduler:
         """Queue a move up for each (key, priority); returns the plan's Future (blocks moved).
 
         `plan` names whose plan this is (a sequence, and the layer that planned): it supersedes
-        the live plan of that name, whose queued moves not asked for again are cancelled. Blocks the plan has moved up are
-        protected from its later moves.
+        the live plan of that name, whose queued moves not asked for again are cancelled. Blocks
+        the plan has moved up or found up are protected from its later moves.
         """
         new = _Plan(plan, set())
         cancelled: list[Move] = []

@@ -220,13 +220,14 @@ class TieredStore:
         with self._lock:
             self._check_open()
             keys_read, values_read = read_joined(self._place, keys, touch)
-            self._place.reading.update(keys)
+            pinned = self._place.reading.add(keys)
         try:
             if limit_tokens is not None:
                 keys_read, values_read = keys_read[:, :limit_tokens], values_read[:, :limit_tokens]
             yield keys_read, values_read
         finally:
-            self._unpin_read(keys)
+            with self._lock:
+                self._place.reading.discard(pinned)
 
     @contextmanager
     def reading_parts(
@@ -242,11 +243,12 @@ class TieredStore:
         with self._lock:
             self._check_open()
             parts = read_parts(self._place, keys, touch, limit_tokens)
-            self._place.reading.update(keys)
+            pinned = self._place.reading.add(keys)
         try:
             yield parts
         finally:
-            self._unpin_read(keys)
+            with self._lock:
+                self._place.reading.discard(pinned)
 
     def set_score(self, key: BlockKey, score: float) -> None:
         """Set the importance score the eviction policy sees for `key` (ignored if absent)."""
@@ -513,7 +515,7 @@ class TieredStore:
         if t is None:
             self._counters.misses += 1
             return None
-        if t != DEVICE and place.reading[key]:  # under read elsewhere, so it stays: a copy from where it lies
+        if t != DEVICE and key in place.reading:  # under read elsewhere, so it stays: a copy from where it lies
             item = place.tiers[t].get(key)
             if item is None:
                 self._counters.misses += 1
@@ -562,15 +564,6 @@ class TieredStore:
                     self._counters.write_through_blocks += nbytes > 0
                     self._counters.write_through_bytes += nbytes
 
-    def _unpin_read(self, keys: list[BlockKey]) -> None:
-        with self._lock:
-            reading = self._place.reading
-            for key in keys:
-                if reading[key] <= 1:
-                    reading.pop(key, None)
-                else:
-                    reading[key] -= 1
-
     def _move_up(self, key: BlockKey, protected: set[BlockKey]) -> str:
         """The scheduler's move: bring `key` up to the device (tiered.scheduler's MOVED), or find it
         there (UP: it counts as an access), or SKIPPED when gone, under read, or without room but by
@@ -584,7 +577,7 @@ class TieredStore:
         with self._lock:
             place = self._place
             t = place.where.get(key)
-            if t is None or place.reading[key]:  # (the tiers stay open until the mover has stopped)
+            if t is None or key in place.reading:  # (the tiers stay open until the mover has stopped)
                 return SKIPPED
             if t == DEVICE:
                 place.touch(key, DEVICE, place.tick(), hit=False)
@@ -593,7 +586,7 @@ class TieredStore:
         if isinstance(tier, DiskTier):
             item = tier.get(key)  # an OSError leaves the block where it lies
         with self._lock:
-            if place.where.get(key) != t or place.stats[t].get(key) is not stats or place.reading[key]:
+            if place.where.get(key) != t or place.stats[t].get(key) is not stats or key in place.reading:
                 return SKIPPED  # changed while it was read
             if item is None and isinstance(tier, DiskTier):  # damaged: the disk tier dropped it
                 place.forget([key], t)

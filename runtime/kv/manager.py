@@ -282,8 +282,8 @@ class KVManager:
         if wanted_keys:
             # most urgent first: layer computations until each is read (policies.prefetch.base); this
             # layer's plan at the next step cancels what is still queued of this one
-            self.store.prefetch(wanted_keys, layers_ahead=[(key.layer - layer - 1) % self.layers + 1 for key in wanted_keys],
-                                plan=(self.namespace, layer))
+            ahead = [(key.layer - layer - 1) % self.layers + 1 for key in wanted_keys]
+            self.store.prefetch(wanted_keys, layers_ahead=ahead, plan=(self.namespace, layer))
             self.counters.prefetched_blocks += len(wanted_keys)
         self.counters.attended_tokens += read
         self.counters.sparse_steps += 1
