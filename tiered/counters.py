@@ -16,6 +16,7 @@ class TierCounters:
     bytes_in: int = 0  # bytes written into this tier (as the tier stores them)
     bytes_out: int = 0  # bytes read out of this tier by promotions and evictions
     wait_s: float = 0.0  # time get() spent bringing blocks up from this tier
+    read_s: float = 0.0  # time reads spent getting and decoding this tier's blocks where they lie
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -8,6 +8,7 @@ and, per lower tier with a quantizing codec, the stored payloads themselves.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -138,17 +139,15 @@ def _gather(
         out_keys.index_copy_(1, positions, device.keys_pool.index_select(1, chosen))
         out_values.index_copy_(1, positions, device.values_pool.index_select(1, chosen))
     for t in sorted(set(tiers) - {DEVICE}):  # each lower tier's blocks decoded in one batch, in place
+        start_s = time.perf_counter()
         rows = [i for i, tier in enumerate(tiers) if tier == t]
-        items = [placement.tiers[t].get(keys[i]) for i in rows]
-        for i, item in zip(rows, items):
-            if item is None:  # damaged below: a miss, never wrong data
-                placement.forget([keys[i]], t)
-                raise KeyError(f"{keys[i]} could not be read back from the {placement.tiers[t].name} tier")
+        items = _items(placement, t, [keys[i] for i in rows])
         placement.codecs[t].decode_many_into(
             items,
             [out_keys[:, i, : item.shape[1]] for i, item in zip(rows, items)],
             [out_values[:, i, : item.shape[1]] for i, item in zip(rows, items)],
         )
+        placement.counters[t].read_s += time.perf_counter() - start_s
     return out_keys.view(heads, -1, dim)[:, :total], out_values.view(heads, -1, dim)[:, :total]
 
 
@@ -179,12 +178,9 @@ def read_parts(
     rows = [i for i in range(len(keys)) if kept[i] > 0]
     parts = _device_parts(placement, [i for i in rows if tiers[i] == DEVICE], slots, kept)
     for t in sorted({tiers[i] for i in rows} - {DEVICE}):
+        start_s = time.perf_counter()
         here = [i for i in rows if tiers[i] == t]
-        items = [placement.tiers[t].get(keys[i]) for i in here]
-        for i, item in zip(here, items):
-            if item is None:  # damaged below: a miss, never wrong data
-                placement.forget([keys[i]], t)
-                raise KeyError(f"{keys[i]} could not be read back from the {placement.tiers[t].name} tier")
+        items = _items(placement, t, [keys[i] for i in here])
         codec = placement.codecs[t]
         whole = [j for j, i in enumerate(here) if kept[i] == items[j].shape[1]]
         if isinstance(codec, QuantizedCodec) and whole:
@@ -194,7 +190,19 @@ def read_parts(
             cut = list(range(len(here)))
         if cut:
             parts.append(_decoded_part(placement, codec, [items[j] for j in cut], [here[j] for j in cut], kept))
+        placement.counters[t].read_s += time.perf_counter() - start_s
     return parts
+
+
+def _items(placement: Placement, t: int, keys: list[BlockKey]) -> list[Encoded]:
+    """The blocks `keys` as tier t stores them. A damaged one is dropped and raises KeyError: a miss,
+    never wrong data."""
+    items = [placement.tiers[t].get(key) for key in keys]
+    for key, item in zip(keys, items):
+        if item is None:
+            placement.forget([key], t)
+            raise KeyError(f"{key} could not be read back from the {placement.tiers[t].name} tier")
+    return items
 
 
 def _device_parts(placement: Placement, rows: list[int], slots: list[int], kept: list[int]) -> list[DenseRun]:

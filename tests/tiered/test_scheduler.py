@@ -266,3 +266,14 @@ def test_a_block_under_read_stays_put_for_other_callers_too(tmp_path):
             assert keys.equal(torch.cat([block(4).keys, block(6).keys], dim=1))
         store.put(key(6), block(60))  # the read is over
         assert store.remove(key(4)) and store.get(key(6)).equal(block(60))
+
+
+def test_reads_of_blocks_below_the_device_count_their_time_in_the_critical_path(tmp_path):
+    with filled(tmp_path) as (store, _):
+        with store.reading([key(i) for i in range(6, 10)]):
+            pass
+        assert all(tier["read_s"] == 0 for tier in store.stats()["tiers"].values())
+        with store.reading([key(0), key(4), key(6)]):  # disk, host, device: gathered and decoded
+            pass
+        tiers = store.stats()["tiers"]
+        assert tiers["disk"]["read_s"] > 0 and tiers["host"]["read_s"] > 0 and tiers["device"]["read_s"] == 0
