@@ -11,6 +11,7 @@ never move: they are never chosen as victims, and promoting or removing one is r
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Collection, Iterable
 
@@ -34,23 +35,33 @@ class NoRoom(RuntimeError):
 
 
 class ReadPins:
-    """The blocks of the reads in progress, one frozenset per read: reads are few and each holds
-    many keys, so pinning and unpinning a read cost one C-level set build, not a loop over keys."""
+    """The blocks of the reads in progress, one frozenset per read (with the reading thread): reads
+    are few and each holds many keys, so pinning a read costs one set build, not a loop over keys."""
 
     def __init__(self) -> None:
-        self._reads: list[frozenset[BlockKey]] = []
+        self._reads: list[tuple[int, frozenset[BlockKey]]] = []  # (thread ident, keys)
 
-    def add(self, keys: Iterable[BlockKey]) -> frozenset[BlockKey]:
-        """Pin `keys` for one read; pass what this returns to `discard` when the read ends."""
-        pinned = frozenset(keys)
+    def add(self, keys: Iterable[BlockKey]) -> tuple[int, frozenset[BlockKey]]:
+        """Pin `keys` for one read of this thread; pass what this returns to `discard` when it ends."""
+        pinned = (threading.get_ident(), frozenset(keys))
         self._reads.append(pinned)
         return pinned
 
-    def discard(self, pinned: frozenset[BlockKey]) -> None:
+    def discard(self, pinned: tuple[int, frozenset[BlockKey]]) -> None:
         self._reads.remove(pinned)
 
+    def holders(self, keys: Iterable[BlockKey]) -> set[int]:
+        """Threads whose reads hold any of `keys`."""
+        if not self._reads:
+            return set()
+        keys = list(keys)
+        return {thread for thread, read in self._reads if not read.isdisjoint(keys)}
+
     def __contains__(self, key: BlockKey) -> bool:
-        return any(key in read for read in self._reads)
+        return any(key in read for _, read in self._reads)
+
+    def __bool__(self) -> bool:
+        return bool(self._reads)
 
 
 class Placement:

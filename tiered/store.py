@@ -72,6 +72,7 @@ class TieredStore:
         self._place = Placement(tiers, codecs, policies, self.device, config.block_tokens, persistent=write_through)
         self._counters = StoreCounters()
         self._lock = threading.RLock()
+        self._unread = threading.Condition(self._lock)  # notified when a read ends
         self._closed = False
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tiered-write-through")
         self._pending_writes: list[BlockKey] = []
@@ -125,6 +126,7 @@ class TieredStore:
                 raise TypeError(f"expected a KVBlock, got {type(block).__name__}")
         with self._lock:
             self._check_open()
+            self._wait_unread([key for key, _ in items])
             layout = self._place.layout_for([block for _, block in items])
             if self.layout is None and layout is not None:
                 self._place.allocate(layout)
@@ -178,6 +180,7 @@ class TieredStore:
         block = KVBlock(keys, values)  # validates shapes and dtypes
         with self._lock:
             self._check_open()
+            self._wait_unread([key])
             place = self._place
             t = place.where.get(key)
             if t is None:
@@ -228,6 +231,7 @@ class TieredStore:
         finally:
             with self._lock:
                 self._place.reading.discard(pinned)
+                self._unread.notify_all()
 
     @contextmanager
     def reading_parts(
@@ -249,6 +253,7 @@ class TieredStore:
         finally:
             with self._lock:
                 self._place.reading.discard(pinned)
+                self._unread.notify_all()
 
     def set_score(self, key: BlockKey, score: float) -> None:
         """Set the importance score the eviction policy sees for `key` (ignored if absent)."""
@@ -273,6 +278,7 @@ class TieredStore:
             raise ValueError(f"a block keeps its layer when sealed: {key} -> {content_key}")
         with self._lock:
             self._check_open()
+            self._wait_unread([key, content_key])
             place = self._place
             if key not in place.where:
                 raise KeyError(f"{key} is not stored")
@@ -386,6 +392,7 @@ class TieredStore:
         _check_key(key)
         with self._lock:
             self._check_open()
+            self._wait_unread([key])
             if key not in self._place.where:
                 return False
             self._place.remove(key)
@@ -504,6 +511,16 @@ class TieredStore:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the store is closed")
+
+    def _wait_unread(self, keys: list[BlockKey]) -> None:
+        """Wait until no other thread's read holds any of `keys` (a change of a block under read
+        waits for the read to end; the lock is released meanwhile). A read of this thread's own
+        cannot end while it waits: RuntimeError."""
+        while holders := self._place.reading.holders(keys):
+            if threading.get_ident() in holders:
+                raise RuntimeError(f"one of {keys[:4]} is being read by this thread: change it after the read")
+            self._unread.wait()
+            self._check_open()
 
     def _get_locked(self, key: BlockKey) -> KVBlock | None:
         place = self._place

@@ -277,3 +277,15 @@ def test_reads_of_blocks_below_the_device_count_their_time_in_the_critical_path(
             pass
         tiers = store.stats()["tiers"]
         assert tiers["disk"]["read_s"] > 0 and tiers["host"]["read_s"] > 0 and tiers["device"]["read_s"] == 0
+
+
+def test_another_threads_change_of_a_block_under_read_waits_for_the_read(tmp_path):
+    with filled(tmp_path) as (store, _):
+        with store.reading([key(6)]) as (keys, _values):
+            writer = threading.Thread(target=store.put, args=(key(6), block(60)))
+            writer.start()
+            writer.join(0.05)
+            assert writer.is_alive()  # waiting: the read's view of the slot is unchanged
+            assert keys.equal(block(6).keys)
+        writer.join(WAIT_S)
+        assert not writer.is_alive() and store.get(key(6)).equal(block(60))
