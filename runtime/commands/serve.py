@@ -5,11 +5,11 @@ usage, API keys, per-tenant cache salts) on the cluster runtime, on an embedded 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from tiered import CODECS
@@ -58,27 +58,27 @@ def register(add_parser, name: str) -> None:
 
 
 def settings_of(args: argparse.Namespace):
-    """The ServeSettings of the command line: --config's fields, then the options given. Raises
-    ValueError with one line naming the option (or the file's field) when one is wrong."""
+    """The ServeSettings of the command line: --config's fields, then TIERED_<SETTING> variables,
+    then the options given. Raises ValueError with one line naming the option (or the file's field,
+    or the variable) when one is wrong."""
     from ..serve.settings import ServeSettings
 
-    fields: dict = {}
-    if args.config is not None:
-        try:
-            fields = yaml.safe_load(args.config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise ValueError(f"--config: cannot read {args.config}: {error}") from None
-        if not isinstance(fields, dict):
-            raise ValueError(f"--config: {args.config} must hold a mapping of settings, got {type(fields).__name__}")
     options = {opt[2:].replace("-", "_") for opt, _, _ in SETTING_OPTIONS} | {"api_key", "no_reuse"}
     given = {FIELDS.get(dest, dest): getattr(args, dest) for dest in options if getattr(args, dest) is not None}
     try:
-        return ServeSettings(**{**fields, **given})
-    except ValidationError as error:
+        return ServeSettings.load(args.config, **given)
+    except ValueError as error:
+        if not isinstance(error, ValidationError):
+            raise ValueError(f"--config: {error}") from None
         first = error.errors()[0]
         field = str(first["loc"][0]) if first.get("loc") else ""
         dest = next((d for d, f in FIELDS.items() if f == field), field)
-        where = f"--{dest.replace('_', '-')}" if field in given else f"--config: {field}"
+        if field in given:
+            where = f"--{dest.replace('_', '-')}"
+        elif ServeSettings.env_name(field) in os.environ:
+            where = ServeSettings.env_name(field)
+        else:
+            where = f"--config: {field}"
         raise ValueError(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
 
 

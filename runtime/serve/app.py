@@ -227,7 +227,7 @@ def build(args: dict) -> serve.Application:
 
     args: ServeSettings fields (validated; an error names the field). Ray must be up when GPUs are
     to be found (the replicas then take one GPU each)."""
-    settings = ServeSettings(**(args or {}))
+    settings = ServeSettings.load(**(args or {}))  # TIERED_<SETTING> variables under the args
     if settings.table_key == ServeSettings.model_fields["table_key"].default:
         settings = settings.model_copy(update={"table_key": f"tiered-serve-{uuid.uuid4().hex[:12]}"})
     gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()

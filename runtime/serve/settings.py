@@ -1,14 +1,18 @@
 """ServeSettings: the options of `tiered serve` and of `runtime.serve.app:build(args)`, validated by pydantic.
 
-The same model checks a command line, a Serve config file's `args`, and `TIERED_API_KEY`; an
-error names the field, the value and what was expected.
+The same model checks a command line, a YAML file, a Serve config file's `args` and the
+TIERED_<SETTING> environment variables (`ServeSettings.load`); an error names the field, the value
+and what was expected.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tiered import StoreConfig, make_codec
@@ -16,6 +20,7 @@ from tiered import StoreConfig, make_codec
 MiB = 1 << 20
 UNITS = {"_mib": "MiB", "_s": "seconds", "_tokens": "tokens"}  # how a setting's name ends -> its unit
 API_KEY_ENV = "TIERED_API_KEY"  # comma-separated keys, when the settings name none
+ENV_PREFIX = "TIERED_"  # TIERED_WORKERS=2 sets `workers`
 
 
 class ServeSettings(BaseModel):
@@ -61,19 +66,43 @@ class ServeSettings(BaseModel):
         return keys or tuple(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())
 
     @classmethod
+    def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None, **given: Any) -> ServeSettings:
+        """Settings from, each overriding the one before: the defaults; the YAML file at `path` (a
+        mapping of settings); the TIERED_<SETTING> variables of `env` (default: os.environ), such as
+        TIERED_WORKERS=2; and `given`. ValueError for an unreadable file; pydantic's
+        ValidationError (naming the field) for a bad value."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                values = yaml.safe_load(Path(path).read_text()) or {}
+            except (OSError, yaml.YAMLError) as error:
+                raise ValueError(f"cannot read {path}: {error}") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"{path} must hold a mapping of settings, got {type(values).__name__}")
+        env = os.environ if env is None else env
+        values.update({name: env[cls.env_name(name)] for name in cls.model_fields if cls.env_name(name) in env})
+        return cls(**{**values, **given})
+
+    @staticmethod
+    def env_name(setting: str) -> str:
+        return ENV_PREFIX + setting.upper()
+
+    @classmethod
     def reference(cls) -> str:
         """The Markdown table of every setting (docs/CONFIG.md, after StoreConfig's)."""
         lines = ["## `tiered serve` settings", "",
-                 "`tiered serve`'s options (`--workers` for `workers`, ...), its `--config FILE` (YAML) and the `args` of",
-                 "`runtime.serve.app:build` in a Serve config (deploy/kuberay) are these settings, checked by one pydantic",
-                 "model.", "", "| setting | type | allowed | unit | default | meaning |", "|---|---|---|---|---|---|"]
+                 "`tiered serve`'s options (`--workers` for `workers`, ...), its `--config FILE` (YAML), the",
+                 "`TIERED_<SETTING>` environment variables and the `args` of `runtime.serve.app:build` in a Serve",
+                 "config (deploy/kuberay) are these settings, checked by one pydantic model (options override the",
+                 "environment, which overrides the file).", "",
+                 "| setting | environment | type | allowed | unit | default | meaning |", "|---|---|---|---|---|---|---|"]
         for name, field in cls.model_fields.items():
             bounds = ", ".join(f"{op} {getattr(m, attr)}" for m in field.metadata
                                for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
                                if getattr(m, attr, None) is not None)
             unit = next((u for suffix, u in UNITS.items() if name.endswith(suffix)), "-")
             kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
-            cells = [f"`{name}`", kind, bounds or "any", unit, f"`{field.default!r}`", field.description or ""]
+            cells = [f"`{name}`", f"`{cls.env_name(name)}`", kind, bounds or "any", unit, f"`{field.default!r}`", field.description or ""]
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         return "\n".join(lines) + "\n"
 

@@ -18,5 +18,6 @@ def test_docs_config_holds_every_option_of_the_store_and_the_server():
     rows = {line.split("`")[1]: line.split(" | ") for line in ServeSettings.reference().splitlines()
             if line.startswith("| `")}
     assert list(rows) == list(ServeSettings.model_fields)
-    assert rows["device_mib"][3] == "MiB" and rows["call_timeout_s"][3] == "seconds" and rows["workers"][2] == ">= 1"
-    assert all(row[5].strip(" |") for row in rows.values())  # every setting says what it means
+    assert rows["device_mib"][4] == "MiB" and rows["call_timeout_s"][4] == "seconds" and rows["workers"][3] == ">= 1"
+    assert rows["workers"][1] == "`TIERED_WORKERS`"
+    assert all(row[6].strip(" |") for row in rows.values())  # every setting says what it means

@@ -121,3 +121,22 @@ def test_a_bad_config_file_is_one_line_naming_the_field(tmp_path, capsys):
     assert len(lines) == 3
     assert lines[0].startswith("tiered serve: --config: cpus_per_worker")
     assert "missing.yaml" in lines[1] and "mapping" in lines[2]
+
+
+def test_settings_come_from_a_file_then_the_environment_then_options(tmp_path, monkeypatch, capsys):
+    from runtime.commands.serve import settings_of
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("workers: 3\nstep_tokens: 128\nhost_codec: int4\n")
+    env = {"TIERED_WORKERS": "4", "TIERED_MAX_SEQUENCES": "1", "TIERED_NO_REUSE": "true"}
+    settings = ServeSettings.load(config, env=env, step_tokens=64)
+    assert (settings.workers, settings.max_sequences, settings.no_reuse) == (4, 1, True)  # the environment over the file
+    assert (settings.step_tokens, settings.host_codec) == (64, "int4")  # options over both; the file's own
+    with pytest.raises(ValidationError, match="max_sequences"):
+        ServeSettings.load(env={"TIERED_MAX_SEQUENCES": "0"})
+    monkeypatch.setenv("TIERED_WORKERS", "2")
+    assert settings_of(_serve_args(["--config", str(config)])).workers == 2
+    assert settings_of(_serve_args(["--config", str(config), "--workers", "5"])).workers == 5
+    monkeypatch.setenv("TIERED_STEP_TOKENS", "many")
+    assert tiered(["serve"]) == 2
+    assert capsys.readouterr().out.strip().startswith("tiered serve: TIERED_STEP_TOKENS: ")
