@@ -27,8 +27,8 @@ from ray.serve.config import RequestRouterConfig
 from policies.routing import RoutingPolicy, make_routing
 from tiered import StoreConfig
 
-from ..actors import start_ray
 from .. import saved as saved_sessions
+from ..actors import start_ray
 from ..saved import check_session_id
 from ..step_loop import DEFAULT_MAX_SEQUENCES, DEFAULT_STEP_TOKENS
 from .handle import ClusterSession

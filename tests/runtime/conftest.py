@@ -1,4 +1,5 @@
-"""Fixtures for the runtime tests: the real default model and its transformers twin, loaded once."""
+"""Fixtures for the runtime tests: a tiny random Llama for the fast tests, the real default model and
+its transformers twin for the quality tests; each made once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 
 from runtime import load_model
 from runtime.model.load import smollm2_135m
+
+from .tiny_models import write_hf_dir
 
 PROMPT_TOKENS = 256
 
@@ -35,3 +38,18 @@ def shakespeare_prompt(smollm2) -> torch.Tensor:
     ids = smollm2.tokenizer.encode(text[:4000])
     assert len(ids) >= PROMPT_TOKENS
     return torch.tensor(ids[:PROMPT_TOKENS])
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama (tests/runtime/tiny_models.py, seed 3) saved as a transformers directory,
+    as a replica or a child process loads it. A test module may define its own (another seed)."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    write_hf_dir(directory, "llama", seed=3)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    """The tiny Llama of `tiny_dir`, loaded in this process."""
+    return load_model(str(tiny_dir))

@@ -17,29 +17,16 @@ import pytest
 import ray  # noqa: E402  (the serve extra is a dependency: a missing one fails, never skips)
 from ray import serve  # noqa: E402
 
-from runtime import Cluster, Session, load_model  # noqa: E402
+from runtime import Cluster, Session  # noqa: E402
 from runtime.actors import start_ray  # noqa: E402
 from tiered import StoreConfig  # noqa: E402
 
-from .tiny_models import write_hf_dir  # noqa: E402
 
 BLOCK_TOKENS = 16
 CONFIG = StoreConfig(device="cpu", device_bytes=1 << 20, host_bytes=1 << 20, block_tokens=BLOCK_TOKENS)
 NEW_TOKENS = 6
 LONG_TOKENS = 48
 pytestmark = pytest.mark.timeout(420)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-cluster")
-    write_hf_dir(directory, "llama", seed=3)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dir):
-    return load_model(str(tiny_dir))
 
 
 @pytest.fixture(scope="module")

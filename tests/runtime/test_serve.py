@@ -22,12 +22,11 @@ import pytest
 import ray
 from ray import serve
 
-from runtime import Session, load_model
+from runtime import Session
 from runtime.actors import start_ray
 from runtime.serve.app import build
 from tiered import StoreConfig
 
-from .tiny_models import write_hf_dir
 
 BLOCK_TOKENS = 16
 KEY_A, KEY_B = "key-tenant-a", "key-tenant-b"
@@ -35,18 +34,6 @@ MODEL = "tiny"
 NEW_TOKENS = 8
 STORE = dict(device_mib=8, host_mib=8, host_codec="raw", disk_codec="raw", block_tokens=BLOCK_TOKENS)
 pytestmark = pytest.mark.timeout(420)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-serve")
-    write_hf_dir(directory, "llama", seed=3)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dir):
-    return load_model(str(tiny_dir))
 
 
 @pytest.fixture(scope="module")

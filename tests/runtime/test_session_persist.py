@@ -13,33 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from runtime import Session, load_model
+from runtime import Session
 from runtime.cli import main as cli
 
 from .session_child import BLOCK_TOKENS, prompt, store_config
-from .tiny_models import write_hf_dir
 
 PROMPT, FIRST, THEN = 150, 10, 20
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-persist")
-    write_hf_dir(directory, "llama", seed=3)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return load_model(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny, tmp_path_factory):
+def uninterrupted(tiny_model, tmp_path_factory):
     """FIRST then THEN greedy tokens of one session that never stops."""
-    with Session(tiny, store_config(str(tmp_path_factory.mktemp("kv") / "kv"))) as session:
-        session.extend(prompt(tiny, PROMPT))
+    with Session(tiny_model, store_config(str(tmp_path_factory.mktemp("kv") / "kv"))) as session:
+        session.extend(prompt(tiny_model, PROMPT))
         return session.generate(FIRST, stop=[]), session.generate(THEN, stop=[])
 
 
@@ -71,7 +58,7 @@ def test_resume_after_sigkill_right_after_save(tiny_dir, tmp_path, uninterrupted
     assert resumed["recomputed"] < 2 * BLOCK_TOKENS  # the sealed blocks were on disk when save returned
 
 
-def test_sigkill_during_saves_leaves_a_whole_earlier_save(tiny_dir, tmp_path, tiny):
+def test_sigkill_during_saves_leaves_a_whole_earlier_save(tiny_dir, tmp_path, tiny_model):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.runtime.session_child", str(tiny_dir), str(tmp_path / "kv"), "save-loop", "loop", "100"],
@@ -91,7 +78,7 @@ def test_sigkill_during_saves_leaves_a_whole_earlier_save(tiny_dir, tmp_path, ti
     listed = Session.saved(store_config(str(tmp_path / "kv")))
     assert [entry["session_id"] for entry in listed] == ["loop"]
     assert listed[0]["tokens"] >= saved[-1]  # the last confirmed save, or a later whole one
-    session = Session.resume(tiny, "loop", store_config(str(tmp_path / "kv")))
+    session = Session.resume(tiny_model, "loop", store_config(str(tmp_path / "kv")))
     assert len(session.tokens) == listed[0]["tokens"] and len(session.generate(3, stop=[])) == 3
     session.close()
 
@@ -122,39 +109,39 @@ def test_reuse_across_processes_with_different_hash_seeds(tiny_dir, tmp_path):
     assert other["computed"] == PROMPT - other["reused"]
 
 
-def test_saved_sessions_are_listed_resumed_and_deleted(tiny, tmp_path):
+def test_saved_sessions_are_listed_resumed_and_deleted(tiny_model, tmp_path):
     config = store_config(str(tmp_path / "kv"))
-    with Session(tiny, config, session_id="listed") as session:
-        session.extend(prompt(tiny, 20))
+    with Session(tiny_model, config, session_id="listed") as session:
+        session.extend(prompt(tiny_model, 20))
         path = session.save()
     assert path.parent == tmp_path / "kv" / "sessions" and oct(path.stat().st_mode & 0o777) == "0o600"
     assert [(s["session_id"], s["tokens"]) for s in Session.saved(config)] == [("listed", 20)]
     assert Session.saved(tmp_path / "kv") == Session.saved(config)
-    resumed = Session.resume(tiny, "listed", config)
+    resumed = Session.resume(tiny_model, "listed", config)
     resumed.delete()
     assert Session.saved(config) == []
     with pytest.raises(KeyError, match="no saved session 'listed'"):
-        Session.resume(tiny, "listed", config)
+        Session.resume(tiny_model, "listed", config)
 
 
-def test_bad_saves_and_resumes_are_refused_clearly(tiny, tmp_path):
+def test_bad_saves_and_resumes_are_refused_clearly(tiny_model, tmp_path):
     config = store_config(str(tmp_path / "kv"))
     with pytest.raises(ValueError, match="session id"):
-        Session(tiny, config, session_id="../etc/passwd")
-    with Session(tiny, store_config(str(tmp_path / "kv")).__class__(device="cpu", block_tokens=8)) as session:
+        Session(tiny_model, config, session_id="../etc/passwd")
+    with Session(tiny_model, store_config(str(tmp_path / "kv")).__class__(device="cpu", block_tokens=8)) as session:
         session.extend([5, 6, 7])
         with pytest.raises(ValueError, match="disk tier"):
             session.save()
-    with Session(tiny, config, session_id="ok") as session:
+    with Session(tiny_model, config, session_id="ok") as session:
         session.extend([5, 6, 7])
         manifest = session.save()
     manifest.write_bytes(manifest.read_bytes().replace(b"[5,6,7]", b"[5,6,8]"))
     with pytest.raises(ValueError, match="damaged: checksum mismatch"):
-        Session.resume(tiny, "ok", config)
+        Session.resume(tiny_model, "ok", config)
     assert Session.saved(config) == []  # a damaged save is not listed as resumable
     manifest.write_bytes(b'{"format": 1, "sess')  # torn
     with pytest.raises(ValueError, match="damaged"):
-        Session.resume(tiny, "ok", config)
+        Session.resume(tiny_model, "ok", config)
 
 
 def test_tiered_sessions_and_run_resume(tiny_dir, tmp_path, capsys):

@@ -12,22 +12,9 @@ from runtime.step_loop import StepLoop
 from runtime.worker import SessionWorker
 from tiered import StoreConfig, TieredStore
 
-from .tiny_models import write_hf_dir
-
 BLOCK_TOKENS = 8
 SPARSE = dict(mode="sparse", budget_tokens=32, page_tokens=8, sink_tokens=8, window_tokens=8, dense_layers=1)
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    write_hf_dir(directory, "llama", seed=3)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return load_model(tiny_dir)
 
 
 def config(model, device_blocks: int = 4096, host_blocks: int = 4096, disk_dir=None) -> StoreConfig:
@@ -56,17 +43,17 @@ def drain(loop: StepLoop, *requests) -> int:
     return steps
 
 
-def test_a_batch_of_four_sessions_equals_each_session_alone(tiny, tmp_path):
+def test_a_batch_of_four_sessions_equals_each_session_alone(tiny_model, tmp_path):
     """Different lengths, exact and sparse, one joining mid-way and one leaving early, on a store
     small enough that their blocks sit in host and disk tiers: each gets its solo tokens."""
     texts = prompts(37, 75, 120, 9)
     modes = [{}, SPARSE, {}, dict(SPARSE, budget_tokens=24)]
     new = [30, 12, 25, 40]
-    expected = [alone(tiny, text, n, **mode) for text, n, mode in zip(texts, new, modes)]
+    expected = [alone(tiny_model, text, n, **mode) for text, n, mode in zip(texts, new, modes)]
 
-    store = TieredStore(model_store_config(tiny, config(tiny, device_blocks=40, host_blocks=12, disk_dir=tmp_path)))
-    loop = StepLoop(tiny, step_tokens=48)
-    sessions = [Session(tiny, store=store, **mode) for mode in modes]
+    store = TieredStore(model_store_config(tiny_model, config(tiny_model, device_blocks=40, host_blocks=12, disk_dir=tmp_path)))
+    loop = StepLoop(tiny_model, step_tokens=48)
+    sessions = [Session(tiny_model, store=store, **mode) for mode in modes]
     extends = [loop.extend(session, text) for session, text in zip(sessions[:3], texts[:3])]
     prefill_steps = drain(loop, *extends)
     assert [request.result() for request in extends] == [37, 75, 120]
@@ -91,10 +78,10 @@ def test_a_batch_of_four_sessions_equals_each_session_alone(tiny, tmp_path):
     store.close()
 
 
-def test_a_long_prefill_does_not_stall_the_decodes_of_others(tiny):
-    store = TieredStore(model_store_config(tiny, config(tiny)))
-    loop = StepLoop(tiny, step_tokens=16)
-    talker, reader = Session(tiny, store=store), Session(tiny, store=store)
+def test_a_long_prefill_does_not_stall_the_decodes_of_others(tiny_model):
+    store = TieredStore(model_store_config(tiny_model, config(tiny_model)))
+    loop = StepLoop(tiny_model, step_tokens=16)
+    talker, reader = Session(tiny_model, store=store), Session(tiny_model, store=store)
     drain(loop, loop.extend(talker, prompts(20)[0]))
     stream = loop.stream(talker, 20, stop=[])
     long_prompt = loop.extend(reader, prompts(200, seed=1)[0])
@@ -108,12 +95,12 @@ def test_a_long_prefill_does_not_stall_the_decodes_of_others(tiny):
     store.close()
 
 
-def test_a_cancelled_stream_frees_its_slot_and_its_partial_block(tiny):
-    store = TieredStore(model_store_config(tiny, config(tiny)))
-    loop = StepLoop(tiny, step_tokens=64)
-    kept, cancelled = Session(tiny, store=store), Session(tiny, store=store)
+def test_a_cancelled_stream_frees_its_slot_and_its_partial_block(tiny_model):
+    store = TieredStore(model_store_config(tiny_model, config(tiny_model)))
+    loop = StepLoop(tiny_model, step_tokens=64)
+    kept, cancelled = Session(tiny_model, store=store), Session(tiny_model, store=store)
     text_kept, text_cancelled = prompts(30, 41, seed=2)
-    expected = alone(tiny, text_kept, 16)
+    expected = alone(tiny_model, text_kept, 16)
     drain(loop, loop.extend(kept, text_kept), loop.extend(cancelled, text_cancelled))
     streams = [loop.stream(kept, 16, stop=[]), loop.stream(cancelled, 16, stop=[])]
     for _ in range(3):
@@ -130,16 +117,16 @@ def test_a_cancelled_stream_frees_its_slot_and_its_partial_block(tiny):
     loop.run()
     assert list(streams[0].tokens()) == expected
     # the cancelled session continues as an uninterrupted session over the same log does
-    assert cancelled.generate(4, stop=[]) == alone(tiny, text_cancelled + handed_out, 4)
+    assert cancelled.generate(4, stop=[]) == alone(tiny_model, text_cancelled + handed_out, 4)
     kept.close()
     cancelled.close()
     store.close()
 
 
-def test_bad_input_fails_that_request_alone(tiny, tiny_dir):
-    store = TieredStore(model_store_config(tiny, config(tiny)))
-    loop = StepLoop(tiny)
-    good, bad = Session(tiny, store=store), Session(tiny, store=store)
+def test_bad_input_fails_that_request_alone(tiny_model, tiny_dir):
+    store = TieredStore(model_store_config(tiny_model, config(tiny_model)))
+    loop = StepLoop(tiny_model)
+    good, bad = Session(tiny_model, store=store), Session(tiny_model, store=store)
     running = loop.extend(good, prompts(50)[0])
     with pytest.raises(ValueError, match="call in progress"):
         loop.extend(good, [4])
@@ -158,20 +145,20 @@ def test_bad_input_fails_that_request_alone(tiny, tiny_dir):
     with Session(other, config(other)) as stranger, pytest.raises(ValueError, match="another model"):
         loop.extend(stranger, [4])
     with pytest.raises(ValueError, match="step_tokens"):
-        StepLoop(tiny, step_tokens=0)
+        StepLoop(tiny_model, step_tokens=0)
     store.close()
 
 
-def test_sampled_streams_in_a_batch_follow_their_seeds(tiny):
+def test_sampled_streams_in_a_batch_follow_their_seeds(tiny_model):
     texts = prompts(25, 33, seed=4)
     expected = []
     for text in texts:
-        with Session(tiny, config(tiny)) as session:
+        with Session(tiny_model, config(tiny_model)) as session:
             session.extend(text)
             expected.append(session.generate(12, temperature=0.8, seed=7, top_p=0.9, stop=[]))
-    store = TieredStore(model_store_config(tiny, config(tiny)))
-    loop = StepLoop(tiny)
-    sessions = [Session(tiny, store=store) for _ in texts]
+    store = TieredStore(model_store_config(tiny_model, config(tiny_model)))
+    loop = StepLoop(tiny_model)
+    sessions = [Session(tiny_model, store=store) for _ in texts]
     drain(loop, *(loop.extend(session, text) for session, text in zip(sessions, texts)))
     streams = [loop.stream(session, 12, temperature=0.8, seed=7, top_p=0.9, stop=[]) for session in sessions]
     loop.run()
@@ -179,11 +166,11 @@ def test_sampled_streams_in_a_batch_follow_their_seeds(tiny):
     store.close()
 
 
-def test_a_worker_batches_the_streams_its_caller_interleaves(tiny, tiny_dir):
+def test_a_worker_batches_the_streams_its_caller_interleaves(tiny_model, tiny_dir):
     """SessionWorker drives its loop from the caller: two streams consumed in turn share steps."""
     texts = prompts(40, 22, seed=5)
-    expected = [alone(tiny, text, 10, stop=None) for text in texts]
-    worker = SessionWorker(str(tiny_dir), config(tiny))
+    expected = [alone(tiny_model, text, 10, stop=None) for text in texts]
+    worker = SessionWorker(str(tiny_dir), config(tiny_model))
     for index, text in enumerate(texts):
         worker.open(f"s{index}")
         assert worker.extend(f"s{index}", text) == len(text)
