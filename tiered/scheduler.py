@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from .block import BlockKey
 from .counters import SchedulerCounters
 
+IDLE_S = 1.0  # the mover thread ends after this long without work (the next request starts another)
 QUEUED, RUNNING, DONE = "queued", "running", "done"
 MOVED, UP, SKIPPED = "moved", "up", "skipped"  # what a move did: moved the block, found it up already, nothing
 
@@ -119,8 +120,8 @@ class Scheduler:
         self._plans: dict[Hashable, _Plan] = {}  # the live plan of each name, until it settles
         self._waiting_reads = 0
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._name = name
+        self._thread: threading.Thread | None = None  # started by the first request, ends when idle
 
     def submit(self, requests: Iterable[tuple[BlockKey, Priority]], plan: Hashable | None = None) -> Future:
         """Queue a move up for each (key, priority); returns the plan's Future (blocks moved).
@@ -160,6 +161,9 @@ class Scheduler:
             if new.close_if_empty():
                 resolved.append(new)
             self._forget(resolved)
+            if self._heap and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
             self._cond.notify()
         _finish(cancelled, resolved)
         return new.future
@@ -205,8 +209,10 @@ class Scheduler:
             self._forget(resolved)
             self._heap.clear()
             self._cond.notify_all()
+            thread = self._thread
         _finish(cancelled, resolved)
-        self._thread.join()
+        if thread is not None:
+            thread.join()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -244,10 +250,13 @@ class Scheduler:
         return resolved
 
     def _next(self) -> Move | None:
-        """The most urgent queued move, now running; None once closed (lock held)."""
+        """The most urgent queued move, now running; None once closed or idle for IDLE_S (lock held:
+        the thread then ends, and a request starts another)."""
         while True:
             while not self._heap and not self._closed:
-                self._cond.wait()
+                if not self._cond.wait(IDLE_S) and not self._heap:
+                    self._thread = None
+                    return None
             if self._closed:
                 return None
             rank, _, move = heapq.heappop(self._heap)

@@ -436,7 +436,14 @@ class TieredStore:
             return self._scheduler.submit(requests, plan=plan)
 
     def stats(self) -> dict:
-        """Counters of everything the store did, plus per-tier blocks and used/capacity bytes."""
+        """Counters of everything the store did, plus per-tier blocks and used/capacity bytes.
+
+        stall_s     time reads waited for blocks that were requested but not yet up
+        prefetch    the scheduler's counters (tiered.counters.SchedulerCounters), the moves queued
+                    and reads waiting now, and precision: moved blocks read before they left the
+                    device (used_blocks) over moved blocks (None before any moved)
+        link_bytes  bytes moved per tier link, e.g. {"host->device": ...}, by every move
+        """
         with self._lock:
             place = self._place
             out = self._counters.as_dict()
@@ -539,7 +546,8 @@ class TieredStore:
                 return None
             self._counters.hits += 1
             place.counters[t].hits += 1
-            return place.codecs[t].decode(item, self.device)
+            block = place.codecs[t].decode(item, self.device)  # may be a view of the tier's memory
+            return KVBlock.trusted(block.keys.clone(), block.values.clone())
         if t != DEVICE:
             start_s = time.perf_counter()
             promoted = place.promote(key, t)

@@ -258,7 +258,7 @@ def test_priorities_and_their_lengths_are_checked_before_anything_is_queued(tmp_
 def test_a_block_under_read_stays_put_for_other_callers_too(tmp_path):
     with filled(tmp_path) as (store, _):
         with store.reading([key(4), key(6)]) as (keys, _values):  # a host block and a device block
-            assert store.get(key(4)).equal(block(4))  # a copy: promoting it would reuse its host slot
+            copy = store.get(key(4))  # a copy: promoting it would reuse its host slot
             assert store.where(key(4)) == "host"
             for call in (lambda: store.remove(key(4)), lambda: store.put(key(6), block(60))):
                 with pytest.raises(RuntimeError, match="being read"):
@@ -266,6 +266,9 @@ def test_a_block_under_read_stays_put_for_other_callers_too(tmp_path):
             assert keys.equal(torch.cat([block(4).keys, block(6).keys], dim=1))
         store.put(key(6), block(60))  # the read is over
         assert store.remove(key(4)) and store.get(key(6)).equal(block(60))
+        for i in range(20, 26):  # new blocks push others down into the host slot block 4 had
+            store.put(key(i), block(i))
+        assert copy.equal(block(4))  # the caller's copy is its own
 
 
 def test_reads_of_blocks_below_the_device_count_their_time_in_the_critical_path(tmp_path):
