@@ -123,6 +123,7 @@ class StepLoop:
         self.max_sequences = max_sequences
         self.steps = 0  # forward steps run
         self.shared_steps = 0  # steps that computed the tokens of more than one request
+        self.last_sequences = 0  # requests the last step computed
         self.batched_tokens = 0  # tokens those steps computed
         self._requests: list[Request] = []  # in arrival order
         self._changed = threading.Condition()
@@ -216,6 +217,7 @@ class StepLoop:
             return
         seconds = time.perf_counter() - begin_s
         self.steps += 1
+        self.last_sequences = len(chosen)
         self.shared_steps += len(chosen) > 1
         self.batched_tokens += sum(take for _, take in chosen)
         for (request, take), rows in zip(chosen, logits):

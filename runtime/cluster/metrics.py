@@ -22,12 +22,16 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tiered_prefetch_stall_s": ("counter", ("replica", "tier"), "seconds reads waited for blocks brought up from the tier"),
     "tiered_open_sessions": ("gauge", ("replica",), "sessions the replica hosts"),
     "tiered_request_latency_s": ("histogram", ("replica", "method"), "seconds a replica call took"),
+    "tiered_step_sequences": ("histogram", ("replica",), "calls one batched forward step computed (continuous batching)"),
+    "tiered_running_calls": ("gauge", ("replica",), "extends and streams in the replica's step loop"),
 }
 TOKEN_FIELDS = {"tiered_prefilled_tokens": "prefill_tokens", "tiered_reused_tokens": "reused_tokens",
                 "tiered_recomputed_tokens": "recomputed_tokens", "tiered_decoded_tokens": "decode_tokens"}
 TIER_FIELDS = {"tiered_tier_hits": "hits", "tiered_tier_misses": "misses", "tiered_tier_bytes_in": "bytes_in",
                "tiered_tier_bytes_out": "bytes_out", "tiered_prefetch_stall_s": "wait_s"}
 LATENCY_BOUNDARIES_S = [0.001, 0.005, 0.02, 0.1, 0.5, 2.0, 10.0, 60.0]
+SEQUENCES_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+BOUNDARIES = {"tiered_request_latency_s": LATENCY_BOUNDARIES_S, "tiered_step_sequences": SEQUENCES_BOUNDARIES}
 
 
 def usage_deltas(before: Mapping, after: Mapping) -> list[tuple[str, dict[str, str], float]]:
@@ -59,7 +63,7 @@ class ReplicaMetrics:
         self._metrics = {}
         for name, (kind, tags, description) in METRICS.items():
             if kind == "histogram":
-                self._metrics[name] = metrics.Histogram(name, description=description, boundaries=LATENCY_BOUNDARIES_S,
+                self._metrics[name] = metrics.Histogram(name, description=description, boundaries=BOUNDARIES[name],
                                                         tag_keys=tags)
             else:
                 self._metrics[name] = kinds[kind](name, description=description, tag_keys=tags)
@@ -80,6 +84,12 @@ class ReplicaMetrics:
         tags = {"replica": self.replica_id}
         self._metrics["tiered_request_latency_s"].observe(seconds, tags={**tags, "method": method})
         self._metrics["tiered_open_sessions"].set(open_sessions, tags=tags)
+
+    def observe_step(self, sequences: int, running: int) -> None:
+        """After a forward step of the replica's loop that computed `sequences` calls' tokens."""
+        tags = {"replica": self.replica_id}
+        self._metrics["tiered_step_sequences"].observe(sequences, tags=tags)
+        self._metrics["tiered_running_calls"].set(running, tags=tags)
 
     def forget(self, session_id: str) -> None:
         self._tokens_seen.pop(session_id, None)

@@ -155,7 +155,8 @@ class SessionReplica:
                 continue
             with self._lock:
                 try:
-                    loop.step()
+                    if loop.step():
+                        self.metrics.observe_step(loop.last_sequences, loop.running)
                 except Exception:  # a step's own errors end its requests; this is a bug, not a request's fault
                     LOG.exception("a step of the loop failed")
 

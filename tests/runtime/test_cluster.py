@@ -221,7 +221,7 @@ def test_metrics_reach_the_prometheus_endpoint(cluster):
     session.generate(NEW_TOKENS)
     decoded = len(session.tokens) - (3 * BLOCK_TOKENS + 4)
     wanted = ("ray_tiered_prefilled_tokens_total", "ray_tiered_decoded_tokens_total", "ray_tiered_tier_hits_total",
-              "ray_tiered_tier_bytes_in_total", "ray_tiered_request_latency_s_count")
+              "ray_tiered_tier_bytes_in_total", "ray_tiered_request_latency_s_count", "ray_tiered_step_sequences_count")
     found = scrape(time.monotonic() + 90, wanted)
     session.close()
     assert all(found.get(name, 0) > 0 for name in wanted), found
