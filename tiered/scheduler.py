@@ -8,8 +8,8 @@ supersedes the older one: the older plan's queued moves that the newer one does 
 cancelled. A read that needs a block still queued makes it urgent and waits for it (the time is
 counted as stall). Moves run one at a time, most urgent first, on one background mover.
 
-The scheduler decides when; the store's `move(key, protected)` callback does a move (under the
-store's lock, through Placement) and says what it did: MOVED, UP (on the device already), or
+The scheduler decides when; the store's `move(key, protected)` callback does a move (through
+Placement, under the store's lock but for reading the disk tier) and says what it did: MOVED, UP (on the device already), or
 SKIPPED (gone, being read, or no room without evicting a protected block). Blocks a plan's moves
 found up or moved up are protected from its later moves, so a plan fills the device in its own
 order of urgency. An exception from the callback fails that Move: it is counted and carried by the
