@@ -172,12 +172,11 @@ class Placement:
         key: BlockKey,
         t: int,
         protected: Collection[BlockKey] = (),
-        keep_pinned: bool = False,
         item: Encoded | None = None,
     ) -> int:
         """Move `key` from tier t to the device tier; the bytes read out of tier t, or 0 if the tier
-        could not return it intact. `protected` (and with `keep_pinned`, pinned) blocks are not
-        evicted to make room: NoRoom instead. RuntimeError for a block under read. `item`: the
+        could not return it intact. `protected` blocks are not evicted to make room: NoRoom
+        instead. RuntimeError for a block under read. `item`: the
         block as tier t returned it already (read by the caller outside the store's lock)."""
         if key in self.reading:
             raise RuntimeError(f"{key} is being read: it cannot move now")
@@ -190,7 +189,7 @@ class Placement:
             self.allocate(self.layout_for([self.codecs[t].decode(item, self.device)]))
         stats = self.stats[t][key]
         slot_bytes = self.device_tier.slot_bytes
-        self.make_room(DEVICE, slot_bytes, key, leaving=key, protected=protected, keep_pinned=keep_pinned)
+        self.make_room(DEVICE, slot_bytes, key, leaving=key, protected=protected)
         slot = self.device_tier.reserve(key, item.shape[1])
         try:  # decoded straight into the slot; tier t's copy stays until this succeeded
             self.codecs[t].decode_into(item, slot.keys, slot.values)
@@ -217,14 +216,11 @@ class Placement:
         for_key: BlockKey,
         leaving: BlockKey | None = None,
         protected: Collection[BlockKey] = (),
-        keep_pinned: bool = False,
     ) -> None:
         """Demote victims from tier t until `nbytes` fit in the room `for_key` goes to.
 
         `leaving` is about to leave its tier (it counts as free space there and is never chosen);
-        `protected` keys and blocks under read are never chosen, nor pinned ones with `keep_pinned`
-        (a scheduled move's rule: it never evicts what a computation is about to read). NoRoom
-        when no victim is left.
+        `protected` keys and blocks under read are never chosen. NoRoom when no victim is left.
         """
         tier = self.tiers[t]
         if tier.evicts_itself:
@@ -234,35 +230,33 @@ class Placement:
         if leaving in self.stats[t] and tier.room_of(leaving) == room:
             credit = self.stats[t][leaving].nbytes
         while tier.free_bytes_for(for_key) + credit < nbytes:
-            victim = self._victim(t, room, leaving, protected, keep_pinned)
+            victim = self._victim(t, room, leaving, protected)
             if victim is None:
                 raise NoRoom(f"the {tier.name} tier cannot make room for {nbytes} bytes")
-            self.demote(victim, t, leaving, keep_pinned)
+            self.demote(victim, t, leaving)
 
     def _victim(
-        self, t: int, room: int, leaving: BlockKey | None, protected: Collection[BlockKey], keep_pinned: bool = False
+        self, t: int, room: int, leaving: BlockKey | None, protected: Collection[BlockKey]
     ) -> BlockKey | None:
         """The policy's first candidate in `room`. Out of the bottom tier (out of the store), among
         the next VICTIM_SCAN: the first that no session reads, else the first that no session is
         computing with (pinned), else the policy's first."""
         tier, bottom, scanned = self.tiers[t], t == len(self.tiers) - 1, 0
         fallback: list[BlockKey | None] = [None, None]  # first referenced, first pinned
-        reading, pinned = self.reading, self.pinned
+        reading = self.reading
         for key in self.policies[t].candidates():
             if key == leaving or key in protected or tier.room_of(key) != room or key in reading:
                 continue
-            if keep_pinned and pinned[key]:
-                continue
             if not bottom or not self.refs[key]:
                 return key
-            rank = 1 if self.pinned[key] else 0
+            rank = 1 if self.pinned[key] else 0  # a session computing with it: the last to leave
             fallback[rank] = key if fallback[rank] is None else fallback[rank]
             scanned += 1
             if scanned == VICTIM_SCAN:
                 break
         return fallback[0] if fallback[0] is not None else fallback[1]
 
-    def demote(self, key: BlockKey, t: int, leaving: BlockKey | None = None, keep_pinned: bool = False) -> None:
+    def demote(self, key: BlockKey, t: int, leaving: BlockKey | None = None) -> None:
         """Move `key` from tier t one tier down, or out of the store from the bottom tier.
 
         If the lower tier fails, the block stays where it was and the error propagates.
@@ -286,7 +280,7 @@ class Placement:
         target = self.tiers[t + 1]
         encoded = self.encode_for(t + 1, item, t)
         nbytes = target.charge(encoded)
-        self.make_room(t + 1, nbytes, key, leaving, keep_pinned=keep_pinned)
+        self.make_room(t + 1, nbytes, key, leaving)
         dropped = target.put(key, encoded)
         stats = self.untrack(key)
         source.remove(key)

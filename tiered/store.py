@@ -417,8 +417,8 @@ class TieredStore:
 
         The Future resolves to the number of blocks moved for this plan, or to the first error
         of its moves (the block then stays where it lay). Keys not stored are skipped. The plan's
-        moves never evict a block it has moved up or found up, a pinned block or one under read:
-        they stop when the device has no other room.
+        moves never evict a block it has moved up or found up, or one under read, and evict pinned
+        blocks (a computing session's, `pinning`) last; they stop when the device has no other room.
         """
         keys = list(keys)
         for key in keys:
@@ -592,7 +592,7 @@ class TieredStore:
     def _move_up(self, key: BlockKey, protected: set[BlockKey]) -> str:
         """The scheduler's move: bring `key` up to the device (tiered.scheduler's MOVED), or find it
         there (UP: it counts as an access), or SKIPPED when gone, under read, or without room but by
-        evicting a `protected` or pinned block. A lower tier's error propagates (the block stays
+        evicting a `protected` block or one under read (pinned ones leave last). A lower tier's error propagates (the block stays
         where it lay); a damaged block is dropped as get drops it, and KeyError says so.
 
         The disk tier is thread-safe on its own (tiered.disk), so a block is read from it (file
@@ -617,7 +617,7 @@ class TieredStore:
                 place.forget([key], t)
                 raise KeyError(f"{key} could not be read back from the {tier.name} tier")
             try:
-                moved_bytes = place.promote(key, t, protected=protected, keep_pinned=True, item=item)
+                moved_bytes = place.promote(key, t, protected=protected, item=item)
             except NoRoom:
                 return SKIPPED
             if not moved_bytes:

@@ -139,9 +139,22 @@ class SparseAttention:
         padded[: page_scores.numel()] = page_scores
         return padded.view(blocks, per_block).amax(1)
 
+    def _next_bounds(self, layer: int, pages: int) -> tuple[Tensor | None, Tensor | None]:
+        """Key bounds ([pages, kv_heads, head_dim] each) of the next layer's pages, or Nones on the last
+        layer. At a decode step the next layer has not appended this step's token yet, so it may lack
+        the newest page: that one (of the recent window, read anyway) takes its last page's bounds."""
+        if layer + 1 >= self.layers:
+            return None, None
+        summaries = self.summaries[layer + 1]
+        held = min(pages, summaries.pages)
+        key_min, key_max = summaries.bounds(held)
+        if held < pages:
+            key_min = torch.cat([key_min, key_min[-1:].expand(pages - held, -1, -1)])
+            key_max = torch.cat([key_max, key_max[-1:].expand(pages - held, -1, -1)])
+        return key_min, key_max
+
     def _plan_prefetch(self, layer: int, query: Tensor, page_scores: Tensor, pages: int) -> list[tuple[int, int]]:
-        nxt = layer + 1 if layer + 1 < self.layers and self.summaries[layer + 1].pages >= pages else None
-        bounds = self.summaries[nxt].bounds(pages) if nxt is not None else (None, None)
+        bounds = self._next_bounds(layer, pages)
         view = PrefetchView(
             layer=layer, layers=self.layers, blocks=pages, query=query.float().cpu(),
             next_key_min=bounds[0], next_key_max=bounds[1], block_scores=page_scores,

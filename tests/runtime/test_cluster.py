@@ -113,6 +113,25 @@ def test_concurrent_sessions_share_their_replicas_forward_steps(cluster, tiny_mo
     assert sum(d["batching"]["shared_steps"] - before.get(r, 0) for r, d in after.items()) > 0
 
 
+def test_a_stream_cancelled_by_its_caller_leaves_the_replicas_loop(cluster):
+    """A caller that cancels a stream mid-way (a client gone): the replica's loop drops the call
+    at its next step, the session keeps the tokens it handed out, and its next call works."""
+    session = cluster.open()
+    session.extend(prompt(50, 30))
+    replica = session.stats()["replica_id"]
+    tokens = cluster._handle.options(method_name="stream", stream=True).remote(session.session_id, 200, 0.0, None, 1.0)
+    handed_out = [next(tokens), next(tokens)]
+    tokens.cancel()
+    deadline_s = time.monotonic() + 30
+    while cluster.stats()["replicas"][replica]["batching"]["running"] and time.monotonic() < deadline_s:
+        time.sleep(0.1)  # polling the replica: cancellation reaches it asynchronously
+    assert cluster.stats()["replicas"][replica]["batching"]["running"] == 0
+    held = session.stats()["tokens"]
+    assert 30 + len(handed_out) <= held < 30 + 200  # it stopped long before its 200 tokens
+    assert len(session.generate(3)) == 3 and session.stats()["tokens"] == held + 3  # its next call works
+    session.close()
+
+
 def reference_long(model, turns: list[list[int]]) -> list[int]:
     with Session(model, CONFIG) as session:
         session.extend(turns[0])

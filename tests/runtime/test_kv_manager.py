@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from policies import PREFETCH
 from runtime import load_model
 from runtime.kv import KVManager, grouped_attention
 from runtime.model import DenseKV
@@ -118,6 +119,27 @@ def test_sparse_mode_reads_only_its_budget(tiny, importance):
     assert stats["sparse_steps"] == layers * 8  # every generated token is fed back: one step each
     assert stats["attended_tokens"] - before <= layers * 8 * budget  # tokens each KV head read
     assert all(0 <= token < tiny.config.vocab_size for token in generated)
+
+
+@pytest.mark.parametrize("mode", ["exact", "sparse"])
+def test_every_prefetch_policy_runs_in_a_session_and_changes_no_token(tiny, tmp_path, mode):
+    """Blocks spread over device, host and disk; each prefetch policy of the registry moves
+    blocks in the background while the session decodes, and the tokens are those of `none`."""
+    options = dict(mode=mode)
+    if mode == "sparse":  # every layer sparse, so next-layer plans for a layer that has a next one
+        options.update(budget_tokens=48, page_tokens=8, sink_tokens=8, window_tokens=16, dense_layers=0)
+    outputs, requested = {}, {}
+    for name in sorted(PREFETCH):
+        config = store_config(tiny, device_blocks=12, host_blocks=10, disk_dir=tmp_path / name)
+        with Session(tiny, config, prefetch=name, **options) as session:
+            session.extend(prompt(tiny, 150))
+            outputs[name] = session.generate(12, stop=[])
+            stats = session.stats()["store"]
+            requested[name] = stats["prefetch"]["requested_blocks"]
+            assert stats["prefetch"]["failed_blocks"] == 0
+    assert all(tokens == outputs["none"] for tokens in outputs.values()), outputs
+    if mode == "sparse":
+        assert requested["none"] == 0 and all(requested[name] > 0 for name in PREFETCH if name != "none")
 
 
 def test_truncate_undoes_tokens_so_a_replay_gives_the_same_logits(tiny):

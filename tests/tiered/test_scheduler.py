@@ -137,16 +137,21 @@ def test_requests_for_a_block_queued_or_moving_join_its_move(tmp_path):
         assert (stats["requested_blocks"], stats["joined_requests"], stats["moved_blocks"]) == (4, 2, 2)
 
 
-def test_scheduled_moves_never_evict_pinned_blocks(tmp_path):
+def test_scheduled_moves_may_evict_pinned_blocks_but_never_blocks_under_read(tmp_path):
+    """A session's pins (TieredStore.pinning: what its forward reads) keep blocks in the store, not
+    on the device: a prefetch for that forward makes room among them by the eviction policy, as
+    the forward's own reads do. A block under read never leaves."""
     with filled(tmp_path) as (store, disk):
-        up = [key(i) for i in range(6, 10)]
-        with store.pinning(up):
-            assert store.prefetch([key(4), key(0)]).result(WAIT_S) == 0  # the device holds only pinned blocks
-            assert all(store.where(k) == "device" for k in up)
-            assert store.where(key(4)) == "host" and store.where(key(0)) == "disk"
+        on_device = [key(i) for i in range(6, 10)]
+        with store.pinning(on_device), store.reading(on_device):
+            assert store.prefetch([key(4), key(0)]).result(WAIT_S) == 0  # every device block is under read
+            assert all(store.where(k) == "device" for k in on_device)
+        assert store.where(key(4)) == "host" and store.where(key(0)) == "disk"
         assert store.stats()["prefetch"]["skipped_blocks"] == 2
-        assert store.prefetch([key(4), key(0)]).result(WAIT_S) == 2
-        assert store.get(key(0)).equal(block(0)) and store.get(key(4)).equal(block(4))
+        with store.pinning(on_device):
+            assert store.prefetch([key(4), key(0)]).result(WAIT_S) == 2  # pinned, not read: the LRU two leave
+        assert [store.where(key(i)) for i in (0, 4, 6, 7, 8, 9)] == ["device"] * 2 + ["host"] * 2 + ["device"] * 2
+        assert store.get(key(0)).equal(block(0)) and store.get(key(6)).equal(block(6))
 
 
 def test_moves_go_on_during_a_read_but_never_move_what_it_reads(tmp_path):
