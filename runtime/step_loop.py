@@ -203,8 +203,8 @@ class StepLoop:
         begin_s = time.perf_counter()
         try:
             with ExitStack() as pins:
-                for request, _ in chosen:  # what the step reads is not pushed out by it
-                    pins.enter_context(request.session.store.pinning(request.session.kv.keys()))
+                for store, keys in _keys_by_store(request.session for request, _ in chosen).items():
+                    pins.enter_context(store.pinning(keys))  # what the step reads is not pushed out by it
                 logits = self.model.forward_batch([request._chunk.step_input(take) for request, take in chosen])
         except BlocksLost as lost:  # the sequence that lost a block recomputes it; the others compute again
             for request, _ in chosen:
@@ -273,3 +273,11 @@ class StepLoop:
     def _counting(session: Session, steps: Steps) -> Steps:
         yield from steps
         return len(session.tokens)
+
+
+def _keys_by_store(sessions: Iterable[Session]) -> dict:
+    """Every block key of the sessions, grouped by their store (one pin per store and step)."""
+    keys: dict = {}
+    for session in sessions:
+        keys.setdefault(session.store, []).extend(session.kv.keys())
+    return keys

@@ -158,8 +158,8 @@ def read_parts(
     as parts that attention can read one by one and merge: DenseRun for blocks on the device (one
     view per run of consecutive slots, or one gathered copy when they are scattered) and for lower
     tiers whose codec does not quantize (decoded); EncodedRun per lower tier with a quantizing
-    codec, its payloads untouched. Without any quantized block, one DenseRun joined as read_joined
-    joins it. Tokens from `limit_tokens` on are left out (a stored block cut
+    codec, its payloads untouched. With blocks below the device but none quantized, one DenseRun
+    joined as read_joined joins it. Tokens from `limit_tokens` on are left out (a stored block cut
     by the limit is decoded). Counts hits and touches as read_joined does; KeyError as it does.
     """
     if not keys:
@@ -171,11 +171,13 @@ def read_parts(
     tiers, slots, tokens, total = _locate(placement, keys, touch)
     full = placement.layout.block_tokens
     limit = total if limit_tokens is None else min(limit_tokens, total)
+    kept = [min(n, limit - i * full) for i, n in enumerate(tokens)]  # tokens of each block read
+    rows = [i for i in range(len(keys)) if kept[i] > 0]
+    if max(tiers) == DEVICE:  # all on the device, in a few runs (a shared prefix, then the sequence's own)
+        return _device_parts(placement, rows, slots, kept)
     if not any(isinstance(placement.codecs[t], QuantizedCodec) for t in tiers if t != DEVICE):
         joined_keys, joined_values = _gather(placement, keys, tiers, slots, total)  # as read_joined does
         return [DenseRun(joined_keys[:, :limit], joined_values[:, :limit], 0)]
-    kept = [min(n, limit - i * full) for i, n in enumerate(tokens)]  # tokens of each block read
-    rows = [i for i in range(len(keys)) if kept[i] > 0]
     parts = _device_parts(placement, [i for i in rows if tiers[i] == DEVICE], slots, kept)
     for t in sorted({tiers[i] for i in rows} - {DEVICE}):
         start_s = time.perf_counter()
