@@ -150,7 +150,8 @@ def test_truncate_undoes_tokens_so_a_replay_gives_the_same_logits(tiny):
         session.tokens = session.tokens[:20]
         again = session.extend(ids[20:])
         assert session.kv.lengths == [60] * tiny.config.num_layers
-    assert torch.allclose(again, first[20:], atol=1e-6)
+    # the replayed blocks sit in other slots: read in two runs merged by log-sum-exp, not one
+    assert torch.allclose(again, first[20:], atol=1e-5)
 
 
 def test_a_failed_extend_leaves_the_session_as_it_was(tiny):
