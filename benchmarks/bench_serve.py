@@ -1,5 +1,7 @@
 """`tiered serve` under a multi-turn load, with prefix reuse and without (the server's --no-reuse),
-modeled on SGLang's bench_multiturn.py and LMCache's multi-round QA benchmark.
+and with continuous batching and without (`unbatched`: the server's --max-sequences 1, each
+replica computes one conversation per forward step), modeled on SGLang's bench_multiturn.py and
+LMCache's multi-round QA benchmark.
 
 N users x R rounds: each user's conversation is a shared long document, its own history, and a new
 question per round; a user sends its next round an exponential think time (Poisson arrivals at
@@ -11,6 +13,7 @@ its own `tiered serve` (SmolLM2-135M by default) on 127.0.0.1 and stops it after
     python benchmarks/bench_serve.py                           # 8 users x 4 rounds, 512-token document
     python benchmarks/bench_serve.py --users 4 --rounds 3      # the size docs/BENCHMARKS.md reports
     python benchmarks/bench_serve.py --users 8 --rounds 4 --doc-tokens 2048 --workers 2
+    python benchmarks/bench_serve.py --modes reuse,unbatched   # continuous batching's gain at 8 users
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --modes reuse   # an already running server
     python benchmarks/bench_serve.py --plot ttft.png --plot-from run1.json run2.json run3.json   # medians of runs
 """
@@ -32,8 +35,11 @@ import time
 from pathlib import Path
 
 import openai
+from rich.console import Console
+from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
+MODES = {"reuse": [], "no-reuse": ["--no-reuse"], "unbatched": ["--max-sequences", "1"]}  # mode -> server options
 SYSTEM = "You are a helpful assistant. Answer questions about the document briefly."
 
 
@@ -109,14 +115,14 @@ def _quantile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
-def start_server(args, no_reuse: bool) -> tuple[subprocess.Popen, str]:
+def start_server(args, mode: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "runtime.cli", "serve", "--model", args.model, "--workers", str(args.workers),
                "--port", str(port), "--device-mib", str(args.device_mib), "--host-mib", str(args.host_mib),
-               "--api-key", "bench"] + (["--no-reuse"] if no_reuse else [])
-    log = open(Path(args.log_dir) / f"serve-{'no-reuse' if no_reuse else 'reuse'}.log", "w")
+               "--api-key", "bench"] + MODES[mode]
+    log = open(Path(args.log_dir) / f"serve-{mode}.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                               env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     url = f"http://127.0.0.1:{port}"
@@ -173,20 +179,20 @@ def stop_server(server: subprocess.Popen) -> None:
 
 
 def report(mode: str, result: dict) -> None:
-    print(f"\n{mode}: {result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} output tok/s, "
-          f"cached-token ratio {result['cached_ratio']:.1%} of {result['prompt_tokens']} prompt tokens, "
-          f"{result['errors']} errors ({result['failed_conversations']} conversations), {result['wall_s']:.1f} s")
-    print(f"  {'round':>5} {'TTFT p50 s':>11} {'TTFT p90 s':>11} {'requests':>9}")
+    table = Table("round", "TTFT p50 s", "TTFT p90 s", "requests", title=(
+        f"{mode}: {result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} output tok/s, "
+        f"cached-token ratio {result['cached_ratio']:.1%} of {result['prompt_tokens']} prompt tokens, "
+        f"{result['errors']} errors ({result['failed_conversations']} conversations), {result['wall_s']:.1f} s"))
     for round_, row in result["per_round"].items():
-        p50 = "-" if row["ttft_p50_s"] is None else f"{row['ttft_p50_s']:.3f}"
-        p90 = "-" if row["ttft_p90_s"] is None else f"{row['ttft_p90_s']:.3f}"
-        print(f"  {round_:>5} {p50:>11} {p90:>11} {row['requests']:>9}")
+        table.add_row(str(round_), *("-" if row[key] is None else f"{row[key]:.3f}" for key in ("ttft_p50_s", "ttft_p90_s")),
+                      str(row["requests"]))
+    Console().print(table)
 
 
 def median_per_round(runs: list[dict]) -> dict:
     """mode -> round -> median over runs of the round's TTFT p50 (runs: the `results` of --json files)."""
     out: dict = {}
-    for mode in ("reuse", "no-reuse"):
+    for mode in MODES:
         rounds = sorted({int(r) for run in runs if mode in run for r in run[mode]["per_round"]})
         out[mode] = {r: statistics.median(run[mode]["per_round"][str(r) if str(r) in run[mode]["per_round"] else r]
                                           ["ttft_p50_s"] for run in runs if mode in run) for r in rounds}
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device-mib", type=int, default=256)
     parser.add_argument("--host-mib", type=int, default=512)
-    parser.add_argument("--modes", default="reuse,no-reuse", help="reuse, no-reuse, or both")
+    parser.add_argument("--modes", default="reuse,no-reuse", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--url", default=None, help="an already running server (then --modes names what it runs)")
     parser.add_argument("--api-key", default="bench", help="with --url")
     parser.add_argument("--served-model", default=None, help="with --url: the model id (default: --model)")
@@ -240,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(median_per_round([json.loads(Path(f).read_text())["results"] for f in args.plot_from]), args.plot)
         return 0
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in ("reuse", "no-reuse") for m in modes):
-        parser.error("--modes takes reuse, no-reuse or both")
+    if not modes or any(m not in MODES for m in modes):
+        parser.error(f"--modes takes a comma-separated list of {', '.join(MODES)}")
     print(f"{platform.node()} ({os.cpu_count()} CPUs): {args.users} users x {args.rounds} rounds, "
           f"{args.doc_tokens}-token document, {args.max_tokens} tokens per answer, {args.workers} replica(s)")
     results = {}
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             results[mode] = asyncio.run(load(args.url, args.served_model or args.model, args.api_key, args))
         else:
-            server, url = start_server(args, no_reuse=mode == "no-reuse")
+            server, url = start_server(args, mode)
             try:
                 results[mode] = asyncio.run(load(url, args.model, "bench", args, server.pid))
             finally:
@@ -259,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         reuse, cold = results["reuse"]["ttft_p50_rounds_2plus_s"], results["no-reuse"]["ttft_p50_rounds_2plus_s"]
         if reuse and cold:
             print(f"\nTTFT p50 of rounds >= 2: {cold:.3f} s without reuse / {reuse:.3f} s with = {cold / reuse:.1f}x")
+    if "reuse" in results and "unbatched" in results:
+        batched, alone = results["reuse"]["output_tokens_per_s"], results["unbatched"]["output_tokens_per_s"]
+        print(f"output tokens/s: {batched:.1f} batched / {alone:.1f} unbatched = {batched / alone:.2f}x")
     if args.plot:
         plot(median_per_round([results]), args.plot)
     if args.json:
