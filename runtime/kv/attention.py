@@ -50,6 +50,34 @@ def grouped_attention(
     return out, (weights.view(heads, n, total) if return_weights else None)
 
 
+def attention_over_runs(q: Tensor, runs: list, q_positions: Tensor) -> Tensor:
+    """grouped_attention over full-precision runs of keys and values (tiered.gather.DenseRun, token j
+    of a run at position run.start + j) without joining them into one copy: each run's scores, one
+    softmax over all of them, each run's share of the values. One run is grouped_attention itself.
+
+    q: [heads, n, head_dim]; q_positions: [n] int64. Returns [heads, n, head_dim] in q's dtype."""
+    if len(runs) == 1 and runs[0].start == 0:
+        return grouped_attention(q, runs[0].keys, runs[0].values, q_positions)[0]
+    heads, n, head_dim = q.shape
+    kv_heads = runs[0].keys.shape[0]
+    grouped = q.reshape(kv_heads, heads // kv_heads * n, head_dim)  # [kv_heads, group * n, head_dim]
+    scores = []
+    for run in runs:
+        part = torch.matmul(grouped, run.keys.transpose(1, 2)).float()  # [kv_heads, group * n, tokens]
+        if n > 1:  # a query sees the keys at or before its position
+            key_positions = torch.arange(run.start, run.start + run.keys.shape[1], device=q.device)
+            hidden = key_positions[None, :] > q_positions[:, None]  # [n, tokens]
+            part.view(kv_heads, -1, n, part.shape[-1]).masked_fill_(hidden, float("-inf"))
+        scores.append(part)
+    joined = torch.cat(scores, dim=-1).mul_(1.0 / math.sqrt(head_dim))  # [kv_heads, group * n, S]
+    weights = torch.softmax(joined, dim=-1)
+    out = None
+    for run, share in zip(runs, weights.split([run.keys.shape[1] for run in runs], dim=-1)):
+        term = torch.matmul(share.to(run.values.dtype), run.values)  # [kv_heads, group * n, head_dim]
+        out = term if out is None else out.add_(term)
+    return out.view(heads, n, head_dim)
+
+
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 

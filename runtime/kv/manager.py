@@ -29,7 +29,7 @@ from tiered import BlockKey, TieredStore
 from tiered.content import content_key, is_content_key
 from tiered.gather import DenseRun
 
-from .attention import attend_parts, grouped_attention
+from .attention import attend_parts, attention_over_runs, grouped_attention
 from .sparse import SparseAttention
 
 MODES = ("exact", "sparse")
@@ -138,8 +138,8 @@ class KVManager:
                     out, _ = grouped_attention(q, keys, values, positions)
             else:
                 with self.store.reading_parts(self.block_keys[layer], limit_tokens=self.lengths[layer]) as parts:
-                    if len(parts) == 1 and isinstance(parts[0], DenseRun) and parts[0].positions is None:
-                        out, _ = grouped_attention(q, parts[0].keys, parts[0].values, positions)  # one run
+                    if all(isinstance(part, DenseRun) and part.positions is None for part in parts):
+                        out = attention_over_runs(q, parts, positions)  # device runs, one softmax
                     else:  # quantized blocks are read where they lie
                         out = attend_parts(q, parts, positions)
         except KeyError as error:

@@ -8,10 +8,12 @@ import torch
 from policies import PREFETCH
 from runtime import load_model
 from runtime.kv import KVManager, grouped_attention
+from runtime.kv.attention import attention_over_runs
 from runtime.model import DenseKV
 from runtime.session import Session
 from tiered import StoreConfig, TieredStore
 from tiered.content import is_content_key
+from tiered.gather import DenseRun
 
 from .tiny_models import write_hf_dir
 
@@ -64,6 +66,21 @@ def test_grouped_attention_matches_repeated_heads():
     assert torch.allclose(out, expected, atol=1e-6)
     assert torch.allclose(weights.sum(-1), torch.ones(6, 5))
     assert (weights[:, 0, 8:] == 0).all()  # the first query (position 7) sees keys 0..7 only
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_attention_over_runs_equals_attention_over_the_joined_runs(n):
+    """Device blocks in several runs of slots are attended where they are: one softmax over every
+    run's scores equals grouped attention over one joined copy (decode, and a causal chunk)."""
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(6, n, 16, generator=generator)  # [heads, n, head_dim]
+    keys = torch.randn(2, 40, 16, generator=generator)  # [kv_heads, S, head_dim]
+    values = torch.randn(2, 40, 16, generator=generator)
+    positions = torch.arange(40 - n, 40)
+    runs = [DenseRun(keys[:, a:b], values[:, a:b], a) for a, b in ((0, 16), (16, 24), (24, 40))]
+    expected, _ = grouped_attention(q, keys, values, positions)
+    assert torch.allclose(attention_over_runs(q, runs, positions), expected, atol=1e-6)
+    assert torch.equal(attention_over_runs(q, [DenseRun(keys, values, 0)], positions), expected)  # one run: the same
 
 
 def test_exact_mode_equals_a_dense_cache(tiny):
