@@ -106,7 +106,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model("smollm2-135m", device=args.device)
-    console = Console()
+    console = Console(width=160)  # the ranges are not cut when the output is not a terminal
     console.print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                   f"torch {torch.__version__}, device {args.device}")
     table = Table("context", "sessions", "decode tok/s (median, range)", "vs one", "ms per token per session",
