@@ -134,9 +134,7 @@ class Session:
         none (an empty [0, vocab] tensor)."""
         self._check_open()
         ids = _as_ids(token_ids)
-        vocab = self.model.config.vocab_size
-        if int(ids.max()) >= vocab:
-            raise ValueError(f"token ids must be in [0, {vocab}), got {int(ids.max())}")
+        self.model.check_token_ids(ids)
         self._check_fits(len(self.tokens) + ids.numel())
         return self._extend_steps(ids.tolist(), keep_rows)
 
@@ -155,8 +153,8 @@ class Session:
         return logits
 
     def _append(self, ids: list[int], keep_rows: bool = True) -> Steps:
+        """Extend the log by `ids` (its callers checked that the log fits)."""
         log = self.tokens + ids
-        self._check_fits(len(log))
         logits = yield from self._catch_up(log, len(self.tokens), keep_rows)
         self.tokens = log
         return logits

@@ -37,6 +37,13 @@ DEFAULT_STEP_TOKENS = 512
 DEFAULT_MAX_SEQUENCES = 64
 
 
+def check_batching(step_tokens: int, max_sequences: int) -> None:
+    """ValueError unless both of a StepLoop's bounds are ints >= 1."""
+    for name, value in (("step_tokens", step_tokens), ("max_sequences", max_sequences)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 class _End:
     """The last event of a request: what its steps returned, or the error that ended them."""
 
@@ -115,9 +122,7 @@ class StepLoop:
 
     def __init__(self, model: Model, step_tokens: int = DEFAULT_STEP_TOKENS,
                  max_sequences: int = DEFAULT_MAX_SEQUENCES) -> None:
-        for name, value in (("step_tokens", step_tokens), ("max_sequences", max_sequences)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_batching(step_tokens, max_sequences)
         self.model = model
         self.step_tokens = step_tokens
         self.max_sequences = max_sequences

@@ -30,7 +30,7 @@ from tiered import StoreConfig
 from .. import saved as saved_sessions
 from ..actors import start_ray
 from ..saved import check_session_id
-from ..step_loop import DEFAULT_MAX_SEQUENCES, DEFAULT_STEP_TOKENS
+from ..step_loop import DEFAULT_MAX_SEQUENCES, DEFAULT_STEP_TOKENS, check_batching
 from .handle import ClusterSession
 from .replica import SessionReplica
 from .router import SessionRouter
@@ -119,9 +119,7 @@ class Cluster:
                             ("cpus_per_worker", cpus_per_worker)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        for name, value in (("step_tokens", step_tokens), ("max_sequences", max_sequences)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_batching(step_tokens, max_sequences)
         batching = {"step_tokens": step_tokens, "max_sequences": max_sequences}
         self.table = RoutingTable(routing_policy(routing, shared=shared_dir is not None))  # validates the name
         self.call_timeout_s, self.failover_timeout_s = float(call_timeout_s), float(failover_timeout_s)

@@ -129,9 +129,10 @@ class SessionReplica:
         batching: forward steps run, those shared by several calls, tokens they computed, calls in progress."""
         with self._lock:
             loop = self.worker.loop
+            batching = {"steps": loop.steps, "shared_steps": loop.shared_steps, "batched_tokens": loop.batched_tokens,
+                        "running": loop.running}
             return {**self._identity(), "sessions": sorted(self.worker.sessions), "store": self.worker.store.stats(),
-                    "model": self.worker.model_info(),
-                    "batching": {"steps": loop.steps, "shared_steps": loop.shared_steps, "batched_tokens": loop.batched_tokens, "running": loop.running}}
+                    "model": self.worker.model_info(), "batching": batching}
 
     def tokenizer_json(self, replica: str | None = None) -> str:
         """The model's tokenizer, serialized (runtime.model.tokenizer.Tokenizer.from_json reads it):

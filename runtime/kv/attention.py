@@ -16,6 +16,15 @@ from tiered.codecs.attend_reference import merge_partials
 from tiered.gather import EncodedRun
 
 
+def hide_later_keys(scores: Tensor, key_positions: Tensor, q_positions: Tensor) -> None:
+    """Causal mask, in place: scores [kv_heads, group * n, S] (query heads grouped per KV head, n
+    queries each) of keys after a query's position become -inf. key_positions: [S]; q_positions: [n]."""
+    kv_heads, rows, total = scores.shape
+    n = q_positions.shape[0]
+    hidden = key_positions[None, :] > q_positions[:, None]  # [n, S]
+    scores.view(kv_heads, rows // n, n, total).masked_fill_(hidden, float("-inf"))
+
+
 def grouped_attention(
     q: Tensor,
     keys: Tensor,
@@ -42,8 +51,7 @@ def grouped_attention(
     scores.mul_(1.0 / math.sqrt(head_dim))
     if n > 1 or k_positions is not None:
         key_positions = torch.arange(total, device=q.device) if k_positions is None else k_positions
-        hidden = key_positions[None, :] > q_positions[:, None]  # [n, S]
-        scores.view(kv_heads, group, n, total).masked_fill_(hidden, float("-inf"))
+        hide_later_keys(scores, key_positions, q_positions)
     weights = torch.softmax(scores, dim=-1)
     out = torch.matmul(weights.to(values.dtype), values)  # [kv_heads, group * n, head_dim]
     out = out.view(heads, n, head_dim)
@@ -66,8 +74,7 @@ def attention_over_runs(q: Tensor, runs: list, q_positions: Tensor) -> Tensor:
         part = torch.matmul(grouped, run.keys.transpose(1, 2)).float()  # [kv_heads, group * n, tokens]
         if n > 1:  # a query sees the keys at or before its position
             key_positions = torch.arange(run.start, run.start + run.keys.shape[1], device=q.device)
-            hidden = key_positions[None, :] > q_positions[:, None]  # [n, tokens]
-            part.view(kv_heads, -1, n, part.shape[-1]).masked_fill_(hidden, float("-inf"))
+            hide_later_keys(part, key_positions, q_positions)
         scores.append(part)
     joined = torch.cat(scores, dim=-1).mul_(1.0 / math.sqrt(head_dim))  # [kv_heads, group * n, S]
     weights = torch.softmax(joined, dim=-1)
@@ -103,8 +110,7 @@ def partial_attention(
     scores = torch.matmul(grouped, keys.transpose(1, 2)).float()  # [kv_heads, group * n, S]
     scores.mul_(1.0 / math.sqrt(head_dim))
     if q_positions is not None:
-        hidden = k_positions[None, :] > q_positions[:, None]  # [n, S]
-        scores.view(kv_heads, group, n, total).masked_fill_(hidden, float("-inf"))
+        hide_later_keys(scores, k_positions, q_positions)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [kv_heads, group * n, 1]
     weights = torch.exp(scores.sub_(torch.where(torch.isfinite(lse), lse, 0.0)))
     out = torch.matmul(weights.to(values.dtype), values).float()  # [kv_heads, group * n, head_dim]

@@ -5,6 +5,7 @@ multiplications once over the packed tokens, attention per sequence through that
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -109,6 +110,17 @@ class Model:
         # Low precision: normalize in fp32, scale in the model's dtype, as Hugging Face's LlamaRMSNorm does.
         return weight * F.rms_norm(x.float(), weight.shape, None, self.config.rms_norm_eps).to(x.dtype)
 
+    def check_token_ids(self, token_ids: Tensor) -> None:
+        """ValueError unless every id of `token_ids` ([n] int64, n >= 1) is in the vocabulary."""
+        vocab = self.config.vocab_size
+        if token_ids.numel() == 1:
+            lowest_id = highest_id = int(token_ids[0])
+        else:
+            lowest_id, highest_id = (int(v) for v in torch.aminmax(token_ids))
+        if lowest_id < 0 or highest_id >= vocab:
+            bad = lowest_id if lowest_id < 0 else highest_id
+            raise ValueError(f"token ids must be in [0, {vocab}), got {bad}")
+
     def check_inputs(self, token_ids: Tensor, positions: Tensor, kv: AttentionBackend) -> None:
         """Raise TypeError/ValueError unless the inputs are what `forward` expects."""
         for name, tensor in (("token_ids", token_ids), ("positions", positions)):
@@ -122,18 +134,14 @@ class Model:
             raise ValueError(f"positions {list(positions.shape)} and token_ids {list(token_ids.shape)} must have the same shape")
         if not callable(getattr(kv, "attend", None)):
             raise TypeError(f"kv must be an AttentionBackend (with attend()), got {type(kv).__name__}")
-        n, limit, vocab = token_ids.numel(), self.config.max_position_embeddings, self.config.vocab_size
+        n, limit = token_ids.numel(), self.config.max_position_embeddings
+        self.check_token_ids(token_ids)
         if n == 1:
-            lowest_id = highest_id = int(token_ids[0])
             first = last = int(positions[0])
         else:
-            lowest_id, highest_id = (int(v) for v in torch.aminmax(token_ids))
             first, last = int(positions[0]), int(positions[-1])
             if not torch.equal(positions, torch.arange(first, first + n, device=positions.device)):
                 raise ValueError("positions must be consecutive (the new tokens continue one sequence)")
-        if lowest_id < 0 or highest_id >= vocab:
-            bad = lowest_id if lowest_id < 0 else highest_id
-            raise ValueError(f"token ids must be in [0, {vocab}), got {bad}")
         if first < 0:
             raise ValueError(f"positions must be >= 0, got {first}")
         if last >= limit:
@@ -163,7 +171,7 @@ class Model:
         cfg = self.config
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         sizes = [part.token_ids.numel() for part in parts]
-        bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]  # part i's rows are bounds[i]:bounds[i + 1]
+        bounds = [0, *itertools.accumulate(sizes)]  # part i's rows are bounds[i]:bounds[i + 1]
         if len(parts) == 1:
             token_ids, positions = parts[0].token_ids.to(self.device), parts[0].positions.to(self.device)
         else:
