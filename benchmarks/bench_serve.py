@@ -121,7 +121,7 @@ def start_server(args, mode: str) -> tuple[subprocess.Popen, str]:
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "runtime.cli", "serve", "--model", args.model, "--workers", str(args.workers),
                "--port", str(port), "--device-mib", str(args.device_mib), "--host-mib", str(args.host_mib),
-               "--api-key", "bench"] + MODES[mode]
+               "--api-key", "bench", "--step-tokens", str(args.step_tokens)] + MODES[mode]
     log = open(Path(args.log_dir) / f"serve-{mode}.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                               env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device-mib", type=int, default=256)
     parser.add_argument("--host-mib", type=int, default=512)
+    parser.add_argument("--step-tokens", type=int, default=512,
+                        help="the server's --step-tokens: tokens one batched forward step computes at most")
     parser.add_argument("--modes", default="reuse,no-reuse", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--url", default=None, help="an already running server (then --modes names what it runs)")
     parser.add_argument("--api-key", default="bench", help="with --url")

@@ -16,11 +16,15 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tiered.checked import Positive, PositiveNumber, checked
+
 DEFAULT_JOIN_TIMEOUT_S = 15.0
 
 
+@checked
 def start_ray(
-    address: str | None = None, num_cpus: int | None = None, timeout_s: float = DEFAULT_JOIN_TIMEOUT_S, **init_options
+    address: str | None = None, num_cpus: Positive | None = None, timeout_s: PositiveNumber = DEFAULT_JOIN_TIMEOUT_S,
+    **init_options,
 ) -> str:
     """Start an embedded Ray instance, or join the cluster at `address`; no-op if Ray is running.
 
@@ -33,10 +37,6 @@ def start_ray(
     """
     import ray
 
-    if address is not None and not isinstance(address, str):
-        raise TypeError(f"address must be a str or None, got {type(address).__name__}")
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-        raise ValueError(f"timeout_s must be a number > 0, got {timeout_s!r}")
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     if address is None:

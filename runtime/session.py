@@ -19,6 +19,13 @@ import torch
 from torch import Tensor
 
 from tiered import StoreConfig, TieredStore
+from tiered.checked import (
+    NonNegative,
+    NonNegativeNumber,
+    Positive,
+    PositiveFraction,
+    checked,
+)
 from tiered.content import chain_hashes, chain_root
 
 from . import open_stores
@@ -55,29 +62,28 @@ class Session:
                    extend's seconds), reused_tokens and the session id
     """
 
+    @checked
     def __init__(
         self,
         model: Model,
         store_config: StoreConfig | None = None,
         mode: str = "exact",
-        budget_tokens: int | None = None,
+        budget_tokens: Positive | None = None,
         importance: str = "quest",
         prefetch: str = "none",
         *,
         store: TieredStore | None = None,
         session_id: str | None = None,
-        page_tokens: int = 16,
-        sink_tokens: int = 16,
-        window_tokens: int = 32,
-        dense_layers: int = 2,
-        chunk_tokens: int = 512,
+        page_tokens: NonNegative = 16,
+        sink_tokens: NonNegative = 16,
+        window_tokens: NonNegative = 32,
+        dense_layers: NonNegative = 2,
+        chunk_tokens: Positive = 512,
         cache_salt: str = "",
         recorder: TraceRecorder | None = None,
     ) -> None:
         cfg = model.config
         session_id = saved_sessions.check_session_id(session_id or uuid.uuid4().hex)
-        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
-            raise ValueError(f"chunk_tokens must be an int > 0, got {chunk_tokens!r}")
         if store is None:  # sessions given one disk directory in this process share its store
             store = open_stores.acquire(model_store_config(model, store_config))
             self._owns_store = True
@@ -186,22 +192,17 @@ class Session:
         """
         return drive_alone(self.model, self.streaming(max_new_tokens, temperature, stop, seed, top_p))
 
+    @checked
     def streaming(
         self,
-        max_new_tokens: int,
-        temperature: float = 0.0,
+        max_new_tokens: NonNegative,
+        temperature: NonNegativeNumber = 0.0,
         stop: Iterable[int] | None = None,
         seed: int | None = None,
-        top_p: float = 1.0,
+        top_p: PositiveFraction = 1.0,
     ) -> Steps:
         """stream's work as steps for a driver (runtime.steps); the arguments are checked now."""
         self._check_open()
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
         if not self.tokens:
             raise ValueError("generate needs a prompt: call extend() first")
         stops = set(stop_token_ids(self.model.tokenizer) if stop is None else stop)

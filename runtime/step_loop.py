@@ -28,6 +28,8 @@ from typing import Any
 
 from torch import Tensor
 
+from tiered.checked import Positive, checked
+
 from .kv.manager import BlocksLost
 from .model import Model
 from .session import Session
@@ -35,13 +37,6 @@ from .steps import Chunk, Computed, Steps, StepUndone
 
 DEFAULT_STEP_TOKENS = 512
 DEFAULT_MAX_SEQUENCES = 64
-
-
-def check_batching(step_tokens: int, max_sequences: int) -> None:
-    """ValueError unless both of a StepLoop's bounds are ints >= 1."""
-    for name, value in (("step_tokens", step_tokens), ("max_sequences", max_sequences)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 class _End:
@@ -120,9 +115,9 @@ class StepLoop:
                     one at a time, as a worker without batching does
     """
 
-    def __init__(self, model: Model, step_tokens: int = DEFAULT_STEP_TOKENS,
-                 max_sequences: int = DEFAULT_MAX_SEQUENCES) -> None:
-        check_batching(step_tokens, max_sequences)
+    @checked
+    def __init__(self, model: Model, step_tokens: Positive = DEFAULT_STEP_TOKENS,
+                 max_sequences: Positive = DEFAULT_MAX_SEQUENCES) -> None:
         self.model = model
         self.step_tokens = step_tokens
         self.max_sequences = max_sequences

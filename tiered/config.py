@@ -1,7 +1,7 @@
 """StoreConfig: what a TieredStore is made of, validated before anything is allocated.
 
-Each option is declared once: its type and bounds (checked by pydantic, strictly: a Python value is
-never coerced), its default, and its meaning. docs/CONFIG.md is generated from these declarations
+Each option is declared once: its type and bounds (checked by tiered.checked, with pydantic, strictly: a
+Python value is never coerced), its default, and its meaning. docs/CONFIG.md is generated from these declarations
 (`tiered.config.reference()`), with the unit that each option's name carries.
 `StoreConfig.load` reads options from a YAML file and from TIERED_* environment variables.
 Errors name the option, the value and what was expected: TypeError for a value of the wrong type,
@@ -21,12 +21,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-import yaml
-from annotated_types import Ge, Gt, Le, Lt
-from pydantic import ConfigDict, ValidationError, create_model
+from annotated_types import Ge, Le, Lt
 
 from policies import make_eviction
 
+from .checked import (
+    NonNegative,
+    PathOrNone,
+    Positive,
+    bounds,
+    check_values,
+    from_env,
+    from_file,
+    read_yaml,
+    schema,
+    type_name,
+)
 from .codecs import make_codec
 from .disk.log import DURABILITY_MODES
 
@@ -34,10 +44,7 @@ DISK_WRITE_MODES = ("through", "back")
 MiB = 1 << 20
 GiB = 1 << 30
 ENV_PREFIX = "TIERED_"
-
-Positive = Annotated[int, Gt(0)]
-NonNegative = Annotated[int, Ge(0)]
-PathOrNone = str | Path | None
+SECTIONS = ("store", "cluster")  # the sections of a file of options: StoreConfig's, and a Cluster's
 
 # how an option's name ends -> the unit of its value
 UNITS = {"_bytes": "bytes", "_tokens": "tokens", "_threads": "threads", "_s": "seconds", "_fraction": "fraction"}
@@ -117,7 +124,8 @@ class StoreConfig:
         "(a deleted block is a miss, recomputed)"))
 
     def __post_init__(self) -> None:
-        _check_schema(self)
+        check_values(_schema(), _hints(), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                     "StoreConfig.")
         try:
             device = torch.device(self.device)
         except RuntimeError as err:
@@ -137,7 +145,8 @@ class StoreConfig:
     def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None,
              base: Mapping[str, Any] | None = None, **overrides: Any) -> StoreConfig:
         """A StoreConfig from, each overriding the one before: the defaults; `base` (a caller's own
-        defaults); the YAML file at `path` (a mapping of option names, or one under a `store:` key);
+        defaults); the YAML file at `path` (a mapping of option names, or sections: StoreConfig's under
+        `store:`, a cluster's under `cluster:`, which runtime.Cluster.options reads);
         the TIERED_<OPTION> variables of `env` (default: os.environ), such as TIERED_HOST_BYTES=4GiB;
         and `overrides`. Sizes (`*_bytes`) may be written with a unit in the file and the
         environment: 512MiB, 4 GiB. An unknown option is an error."""
@@ -163,105 +172,23 @@ def _hints() -> dict[str, Any]:
 
 @cache
 def _schema():
-    """The pydantic model of StoreConfig's options, strict: it checks values and converts none."""
-    hints = _hints()
-    fields = {f.name: (hints[f.name], ...) for f in dataclasses.fields(StoreConfig)}
-    return create_model("StoreConfig", __config__=ConfigDict(strict=True, arbitrary_types_allowed=True), **fields)
-
-
-def _check_schema(config: StoreConfig) -> None:
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    try:
-        _schema().model_validate(values)
-    except ValidationError as error:
-        name = error.errors()[0]["loc"][0]
-        kinds = {e["type"] for e in error.errors() if e["loc"][0] == name}
-        value = values[name]
-        if kinds & {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error"}:
-            raise ValueError(f"StoreConfig.{name} must be {_bounds(_hints()[name])}, got {value!r}") from None
-        raise TypeError(f"StoreConfig.{name} must be {_type_name(_hints()[name])}, "
-                        f"got {value!r} ({type(value).__name__})") from None
-
-
-def _type_name(hint: Any) -> str:
-    """'int', 'int or None', 'a path or None', ... for an option's type."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Annotated:
-        return _type_name(args[0])
-    if origin is Literal:
-        return "str"
-    if hint == PathOrNone:
-        return "a path or None"
-    if args and type(None) in args:
-        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or None"
-    if origin is not None:
-        return origin.__name__
-    return {float: "a number"}.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _bounds(hint: Any) -> str:
-    """'> 0', 'in [1, 22]', "one of ['through', 'back']", ... for an option's allowed values."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is Literal:
-        return f"one of {list(args)}"
-    if typing.get_origin(hint) is not Annotated:
-        inner = [a for a in args if a is not type(None)]
-        bounds = _bounds(inner[0]) if len(inner) == 1 else ""
-        return f"{bounds} (or None)" if bounds and type(None) in args else bounds
-    low = high = None
-    for constraint in args[1:]:
-        if isinstance(constraint, Gt):
-            low = f"> {constraint.gt}"
-        elif isinstance(constraint, Ge):
-            low = f">= {constraint.ge}"
-        elif isinstance(constraint, Lt):
-            high = f"< {constraint.lt}"
-        elif isinstance(constraint, Le):
-            high = f"<= {constraint.le}"
-    if low and high:
-        return f"in {'[' if low.startswith('>=') else '('}{low.split()[-1]}, {high.split()[-1]}{']' if high.startswith('<=') else ')'}"
-    return low or high or ""
+    return schema("StoreConfig", _hints())
 
 
 def _from_yaml(path: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+    loaded = read_yaml(path)
     if loaded is None:
         return {}
-    if isinstance(loaded, dict) and isinstance(loaded.get("store"), dict):
-        loaded = loaded["store"]
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of StoreConfig options, "  # noqa: TRY004 (a file's content)
-                         f"got {type(loaded).__name__}")
-    known = {f.name for f in dataclasses.fields(StoreConfig)}
-    unknown = sorted(set(map(str, loaded)) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown StoreConfig options {unknown}; valid options: {sorted(known)}")
+    if isinstance(loaded, dict) and set(loaded) & set(SECTIONS):  # options in sections: StoreConfig's under store
+        loaded = loaded.get("store")
+    loaded = from_file(loaded, _hints(), f"{path} (StoreConfig)")
     return {name: _size(name, value, f"{path}: {name}") for name, value in loaded.items()}
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    """Options from TIERED_<OPTION> variables: text for text options, YAML scalars (and mappings, for
-    eviction_kwargs) for the rest; an empty path means None."""
-    hints, values = _hints(), {}
-    for f in dataclasses.fields(StoreConfig):
-        variable = ENV_PREFIX + f.name.upper()
-        if variable not in env:
-            continue
-        text = env[variable]
-        hint = hints[f.name]
-        if hint == PathOrNone:
-            values[f.name] = text or None
-        elif _type_name(hint) == "str":
-            values[f.name] = text
-        else:
-            try:
-                values[f.name] = _size(f.name, yaml.safe_load(text) if text.strip() else None, variable)
-            except yaml.YAMLError:
-                raise ValueError(f"{variable}={text!r}: StoreConfig.{f.name} must be {_type_name(hint)}") from None
-    return values
+    """Options from TIERED_<OPTION> variables; sizes may carry a unit (TIERED_HOST_BYTES=4GiB)."""
+    return {name: _size(name, value, ENV_PREFIX + name.upper())
+            for name, value in from_env(_hints(), env, ENV_PREFIX).items()}
 
 
 def _size(name: str, value: Any, where: str) -> Any:
@@ -307,7 +234,7 @@ def reference() -> str:
     ]
     for f in dataclasses.fields(StoreConfig):
         hint = hints[f.name]
-        cells = [f"`{f.name}`", f"`{ENV_PREFIX}{f.name.upper()}`", _type_name(hint), f.metadata["allowed"] or _bounds(hint) or "any",
+        cells = [f"`{f.name}`", f"`{ENV_PREFIX}{f.name.upper()}`", type_name(hint), f.metadata["allowed"] or bounds(hint) or "any",
                  _unit(f.name) or "-", f"`{_default_text(f)}`", f.metadata["doc"]]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -36,9 +36,19 @@ import torch
 
 from .atomic import atomic_write
 from .block import BlockKey
+from .checked import Positive, checked
 from .codecs import Encoded
 from .content import is_content_key
-from .disk.record import DTYPE_NAMES, RecordError, RecordHeader, pack_header, parse_fixed, parse_header, parse_record, payload_checksum
+from .disk.record import (
+    DTYPE_NAMES,
+    RecordError,
+    RecordHeader,
+    pack_header,
+    parse_fixed,
+    parse_header,
+    parse_record,
+    payload_checksum,
+)
 from .tier import Tier
 
 SUFFIX = ".blk"
@@ -53,11 +63,8 @@ class SharedTier(Tier):
     name = "shared"
     evicts_itself = True  # trims the directory by recency: see the module docstring
 
-    def __init__(self, root: str | Path, capacity_bytes: int, codec: str = "raw") -> None:
-        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
-            raise ValueError(f"SharedTier: capacity_bytes must be an int > 0, got {capacity_bytes!r}")
-        if not isinstance(root, (str, Path)):
-            raise TypeError(f"SharedTier: root must be a path, got {type(root).__name__}")
+    @checked
+    def __init__(self, root: str | Path, capacity_bytes: Positive, codec: str = "raw") -> None:
         self.root = Path(root)
         self.codec = codec
         self._capacity_bytes = capacity_bytes

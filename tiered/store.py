@@ -20,8 +20,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Hashable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -29,6 +29,7 @@ from policies import BlockStats, make_eviction
 from policies.write import make_write
 
 from .block import BlockKey, BlockLayout, KVBlock
+from .checked import checked
 from .codecs import Codec, make_codec
 from .config import StoreConfig
 from .content import is_content_key
@@ -48,9 +49,8 @@ WRITE_BATCH = 64  # write-throughs per hold of the store's lock
 class TieredStore:
     """A KV block store over device, host and (optionally) disk tiers. See StoreConfig."""
 
+    @checked
     def __init__(self, config: StoreConfig) -> None:
-        if not isinstance(config, StoreConfig):
-            raise TypeError(f"TieredStore expects a StoreConfig, got {type(config).__name__}")
         self.config = config
         self.device = config.torch_device
         # Construct everything that can fail before anything holds resources.

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -26,11 +29,24 @@ from ray.serve.config import RequestRouterConfig
 
 from policies.routing import RoutingPolicy, make_routing
 from tiered import StoreConfig
+from tiered.checked import (
+    PathOrNone,
+    Positive,
+    PositiveNumber,
+    arguments,
+    bounds,
+    check_some,
+    checked,
+    from_env,
+    from_file,
+    read_yaml,
+    type_name,
+)
 
 from .. import saved as saved_sessions
 from ..actors import start_ray
 from ..saved import check_session_id
-from ..step_loop import DEFAULT_MAX_SEQUENCES, DEFAULT_STEP_TOKENS, check_batching
+from ..step_loop import DEFAULT_MAX_SEQUENCES, DEFAULT_STEP_TOKENS
 from .handle import ClusterSession
 from .replica import SessionReplica
 from .router import SessionRouter
@@ -70,56 +86,52 @@ def replica_deployment(workers: int, gpus: bool, cpus_per_worker: float, table_k
     )
 
 
+# Cluster's options that a file's `cluster:` section and TIERED_<OPTION> variables may set
+# (Cluster.options), with their meanings (docs/CONFIG.md)
+FILE_OPTIONS = {
+    "workers": "replicas (one per GPU when there are GPUs)",
+    "routing": 'policies.routing name that places new sessions ("prefix-affinity")',
+    "cpus_per_worker": "CPUs each replica reserves",
+    "step_tokens": "tokens one forward step of a replica computes at most (continuous batching, runtime.step_loop)",
+    "max_sequences": "sessions one forward step of a replica computes at most (1: no batching)",
+    "call_timeout_s": "longest a single call may take before TimeoutError",
+    "failover_timeout_s": "how long a session's calls keep retrying while its replica is replaced",
+}
+
+
 class Cluster:
     """Starts (or joins, with `address`) Ray and deploys `workers` SessionReplicas of `model`.
 
     model              a model name or checkpoint path, as runtime.load_model takes it
-    workers            replicas (one per GPU when there are GPUs)
     store_config       each replica's store (device/host tiers local to it; a disk_dir gets a
                        subdirectory per replica)
     shared_dir         a directory every node mounts: the cluster-wide shared tier (tiered.shared)
                        below each replica's local tiers, and saved sessions' manifests; a session
                        whose replica dies is rebuilt from it (and its token log) on another
     address            None: a new embedded local Ray instance (or RAY_ADDRESS); see start_ray
-    routing            policies.routing name that places new sessions ("prefix-affinity")
-    cpus_per_worker    CPUs each replica reserves
     num_cpus           CPUs of a new local Ray instance (None: the machine's)
-    step_tokens, max_sequences   each replica's continuous batching (runtime.step_loop.StepLoop):
-                       tokens and sessions one forward step computes at most
-    call_timeout_s     longest a single call may take before TimeoutError
-    failover_timeout_s how long a session's calls keep retrying while its replica is replaced
+    workers, routing, cpus_per_worker, step_tokens, max_sequences, call_timeout_s,
+    failover_timeout_s: FILE_OPTIONS, which a YAML file and the environment may set too (options())
     """
 
+    @checked
     def __init__(
         self,
-        model: str = "smollm2-135m",
-        workers: int = 2,
+        model: str | Path = "smollm2-135m",
+        workers: Positive = 2,
         store_config: StoreConfig | None = None,
-        shared_dir: str | Path | None = None,
+        shared_dir: PathOrNone = None,
         address: str | None = None,
         *,
         routing: str = "prefix-affinity",
         dtype: str = "float32",
-        cpus_per_worker: float = 1.0,
-        num_cpus: int | None = None,
-        step_tokens: int = DEFAULT_STEP_TOKENS,
-        max_sequences: int = DEFAULT_MAX_SEQUENCES,
-        call_timeout_s: float = 300.0,
-        failover_timeout_s: float = 120.0,
+        cpus_per_worker: PositiveNumber = 1.0,
+        num_cpus: Positive | None = None,
+        step_tokens: Positive = DEFAULT_STEP_TOKENS,
+        max_sequences: Positive = DEFAULT_MAX_SEQUENCES,
+        call_timeout_s: PositiveNumber = 300.0,
+        failover_timeout_s: PositiveNumber = 120.0,
     ) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
-            raise ValueError(f"workers must be an int > 0, got {workers!r}")
-        if not isinstance(model, (str, Path)):
-            raise TypeError(f"model must be a name or a path, got {type(model).__name__}")
-        if store_config is not None and not isinstance(store_config, StoreConfig):
-            raise TypeError(f"store_config must be a StoreConfig, got {type(store_config).__name__}")
-        if shared_dir is not None and not isinstance(shared_dir, (str, Path)):
-            raise TypeError(f"shared_dir must be a path or None, got {type(shared_dir).__name__}")
-        for name, value in (("call_timeout_s", call_timeout_s), ("failover_timeout_s", failover_timeout_s),
-                            ("cpus_per_worker", cpus_per_worker)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        check_batching(step_tokens, max_sequences)
         batching = {"step_tokens": step_tokens, "max_sequences": max_sequences}
         self.table = RoutingTable(routing_policy(routing, shared=shared_dir is not None))  # validates the name
         self.call_timeout_s, self.failover_timeout_s = float(call_timeout_s), float(failover_timeout_s)
@@ -233,6 +245,36 @@ class Cluster:
             if self._owns_ray and ray.is_initialized():
                 serve.shutdown()
                 ray.shutdown()
+
+    @staticmethod
+    def reference() -> str:
+        """The Markdown table of FILE_OPTIONS (docs/CONFIG.md)."""
+        hints = arguments(Cluster.__init__, FILE_OPTIONS)
+        defaults = inspect.signature(Cluster.__init__).parameters
+        lines = ["## Cluster options", "",
+                 "`Cluster(...)`'s options that the `cluster:` section of a YAML file (`tiered run --config FILE`,",
+                 "next to its `store:` section) and `TIERED_<OPTION>` variables may set (`Cluster.options(path)`);",
+                 "options given on the command line override the environment, which overrides the file.", "",
+                 "| option | environment | type | allowed | default | meaning |", "|---|---|---|---|---|---|"]
+        for name, meaning in FILE_OPTIONS.items():
+            cells = [f"`{name}`", f"`TIERED_{name.upper()}`", type_name(hints[name]), bounds(hints[name]) or "any",
+                     f"`{defaults[name].default!r}`", meaning]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def options(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Cluster options (FILE_OPTIONS) from the `cluster:` section of the YAML file at `path` (the
+        file tiered.StoreConfig.load reads its `store:` section from), then from TIERED_<OPTION>
+        variables of `env` (default: os.environ), such as TIERED_WORKERS=2; checked as the constructor checks them."""
+        section = None
+        if path is not None:
+            loaded = read_yaml(path)
+            section = loaded.get("cluster") if isinstance(loaded, dict) else None
+        values = from_file(section, FILE_OPTIONS, f"{path} (cluster)")
+        values.update(from_env(arguments(Cluster.__init__, FILE_OPTIONS), os.environ if env is None else env))
+        check_some(Cluster.__init__, values)
+        return values
 
     def __enter__(self) -> Cluster:
         return self

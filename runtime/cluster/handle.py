@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from tiered.checked import NonNegative, NonNegativeNumber, PositiveFraction, checked
 from tiered.content import chain_hashes, chain_root
 
 from .replica import SessionMissing
@@ -60,15 +61,18 @@ class ClusterSession:
         self.tokens += ids
         return held
 
-    def stream(self, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
-               top_p: float = 1.0) -> Iterator[int]:
+    @checked
+    def stream(self, max_new_tokens: NonNegative, temperature: NonNegativeNumber = 0.0, seed: int | None = None,
+               top_p: PositiveFraction = 1.0) -> Iterator[int]:
         """Generate up to `max_new_tokens` tokens (greedy at temperature 0), yielding each; a
-        replica lost midway is replaced and generation goes on (sampled runs then draw anew)."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        replica lost midway is replaced and generation goes on (sampled runs then draw anew).
+        The arguments are checked now, before any token."""
         self._check_open()
         if not self.tokens:
             raise ValueError("generate needs a prompt: call extend() first")
+        return self._stream(max_new_tokens, temperature, seed, top_p)
+
+    def _stream(self, max_new_tokens: int, temperature: float, seed: int | None, top_p: float) -> Iterator[int]:
         if not self._placed:  # resumed from a save: placed where the longest prefix of it is
             self._place(self.tokens)
         produced = 0

@@ -31,6 +31,7 @@ FOLLOW_UP = "Summarize what we discussed in one sentence."
 # the store of each replica, unless --config, TIERED_* variables or options say otherwise
 STORE_DEFAULTS = {"device_bytes": 64 << 20, "host_bytes": 32 << 20, "disk_bytes": 1 << 30, "host_codec": "int8",
                   "disk_codec": "int8", "eviction": "lru"}
+DEFAULT_WORKERS = 2  # replicas of the local cluster
 SYSTEM = "You are a helpful assistant. Answer questions about the document the user gives you, briefly."
 
 
@@ -45,7 +46,8 @@ def register(add_parser, name: str) -> None:
     parser.add_argument("--question", action="append", default=None, help="a question (repeat for more turns)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per turn")
     parser.add_argument("--chunk-tokens", type=positive_int, default=256, help="prefill chunk size")
-    parser.add_argument("--workers", type=positive_int, default=2, help="replicas of the local cluster")
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help=f"replicas of the local cluster (default {DEFAULT_WORKERS}, or --config's cluster section)")
     parser.add_argument("--sessions", type=positive_int, default=2, help="concurrent sessions over the document")
     parser.add_argument("--mode", choices=("exact", "sparse"), default="exact")
     parser.add_argument("--budget-tokens", type=positive_int, default=None, help="sparse mode: tokens per layer and step")
@@ -54,7 +56,8 @@ def register(add_parser, name: str) -> None:
     parser.add_argument("--eviction", default=None, type=checks.one_of(EVICTION),
                         help=f"eviction policy of every tier (default {STORE_DEFAULTS['eviction']})")
     parser.add_argument("--config", type=checks.readable_file, default=None, metavar="FILE",
-                        help="StoreConfig options in YAML (docs/CONFIG.md), over run's own defaults; TIERED_* "
+                        help="options in YAML (docs/CONFIG.md): StoreConfig's under store:, over run's own "
+                             "defaults, and the cluster's (workers, step_tokens, ...) under cluster:; TIERED_* "
                              "variables override the file, the options below override both")
     parser.add_argument("--device-mib", type=positive_int, default=None,
                         help=f"device tier capacity per replica (default {STORE_DEFAULTS['device_bytes'] >> 20})")
@@ -80,6 +83,7 @@ def register(add_parser, name: str) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.resume is not None and args.disk_dir is None:
         raise UsageError("--resume", "needs --disk-dir, the directory the session was saved in")
+    cluster_options = _checked_options(args)
     document = args.document or Path(str(resources.files("runtime") / "data" / "tinyshakespeare.txt"))
     questions = args.question or ([FOLLOW_UP] if args.resume else list(QUESTIONS))
     config, tokenizer = load_header(args.model)
@@ -95,7 +99,21 @@ def main(args: argparse.Namespace) -> int:
             return _run_in_process(args, text, questions, scratch)
         from .run_cluster import run_on_cluster
 
-        return run_on_cluster(args, tokenizer, text, questions, scratch)
+        return run_on_cluster(args, tokenizer, text, questions, scratch, cluster_options)
+
+
+def _checked_options(args: argparse.Namespace) -> dict:
+    """The cluster's options (none with --no-ray) from --config and TIERED_* variables, and the
+    store's checked, before any work: a bad one is a usage error naming where it came from."""
+    try:
+        store_config(args, Path(tempfile.gettempdir()))  # made again later, over the run's scratch directory
+        if args.no_ray:
+            return {}
+        from ..cluster import Cluster
+
+        return Cluster.options(args.config)
+    except (ValueError, TypeError) as error:
+        raise UsageError("--config" if args.config else "TIERED_* variables", " ".join(str(error).split())) from None
 
 
 def store_config(args: argparse.Namespace, disk_dir: Path) -> StoreConfig:

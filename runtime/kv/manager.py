@@ -21,11 +21,13 @@ A block that no tier holds any more raises BlocksLost; the session recomputes it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor
 
 from policies import make_prefetch
 from tiered import BlockKey, TieredStore
+from tiered.checked import NonNegative, Positive, checked
 from tiered.content import content_key, is_content_key
 from tiered.gather import DenseRun
 
@@ -69,6 +71,7 @@ class KVManager:
     importance_kwargs            sparse mode: arguments of the estimator (quest gets the softmax scale)
     """
 
+    @checked
     def __init__(
         self,
         store: TieredStore,
@@ -77,20 +80,16 @@ class KVManager:
         kv_heads: int,
         head_dim: int,
         *,
-        mode: str = "exact",
-        budget_tokens: int | None = None,
+        mode: Literal[MODES] = "exact",
+        budget_tokens: Positive | None = None,
         importance: str = "quest",
         prefetch: str = "none",
-        page_tokens: int = 16,
-        sink_tokens: int = 16,
-        window_tokens: int = 32,
-        dense_layers: int = 2,
+        page_tokens: NonNegative = 16,
+        sink_tokens: NonNegative = 16,
+        window_tokens: NonNegative = 32,
+        dense_layers: NonNegative = 2,
         importance_kwargs: dict | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) or dense_layers < 0:
-            raise ValueError(f"dense_layers must be an int >= 0, got {dense_layers!r}")
         BlockKey(namespace, 0, 0)  # validates the namespace
         make_prefetch(prefetch)  # an unknown name is refused in either mode
         self.block_tokens = store.config.block_tokens

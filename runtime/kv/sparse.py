@@ -15,6 +15,7 @@ from torch import Tensor
 from policies import PrefetchView, make_importance, make_prefetch
 from policies.importance import select_per_head
 from tiered import BlockKey, TieredStore
+from tiered.checked import NonNegative, checked
 
 from .attention import grouped_attention
 from .summaries import KeySummaries
@@ -29,6 +30,7 @@ class SparseAttention:
                    the window holds at least the newest page, which has the current token)
     """
 
+    @checked
     def __init__(
         self,
         layers: int,
@@ -37,18 +39,14 @@ class SparseAttention:
         device: torch.device,
         *,
         block_tokens: int,
-        page_tokens: int,
-        budget_tokens: int,
-        sink_tokens: int,
-        window_tokens: int,
+        page_tokens: NonNegative,
+        budget_tokens: NonNegative,
+        sink_tokens: NonNegative,
+        window_tokens: NonNegative,
         importance: str,
         importance_kwargs: dict | None,
         prefetch: str,
     ) -> None:
-        for name, value in (("page_tokens", page_tokens), ("budget_tokens", budget_tokens),
-                            ("sink_tokens", sink_tokens), ("window_tokens", window_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if page_tokens == 0 or block_tokens % page_tokens:
             raise ValueError(f"page_tokens must divide block_tokens={block_tokens}, got {page_tokens}")
         if sink_tokens % page_tokens or window_tokens % page_tokens or window_tokens == 0:

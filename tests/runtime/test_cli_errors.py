@@ -224,3 +224,24 @@ def test_run_refuses_bad_input_from_the_installed_command(tmp_path):
     done = subprocess.run([str(TIERED), "run", "--no-ray", "--device-mib", "0"], check=False, capture_output=True,
                           text=True, timeout=300)
     assert_one_line(done.returncode, done.stderr, "run", "--device-mib")
+
+
+@pytest.mark.parametrize("content, env, option, words", [
+    ("store:\n  block_tokens: two\n", {}, "--config", "StoreConfig.block_tokens must be int, got 'two'"),
+    ("cluster:\n  workers: two\n", {}, "--config", "Cluster: workers must be int, got 'two'"),
+    ("cluster:\n  replicas: 2\n", {}, "--config", "unknown options ['replicas']"),
+    (None, {"TIERED_MAX_SEQUENCES": "0"}, "TIERED_* variables", "Cluster: max_sequences must be > 0, got 0"),
+    (None, {"TIERED_DISK_ZSTD_LEVEL": "30"}, "TIERED_* variables", "StoreConfig.disk_zstd_level must be in [1, 22], got 30"),
+])
+def test_run_refuses_bad_options_of_the_file_and_the_environment_before_any_work(
+        tiny_dir, capsys, monkeypatch, tmp_path, content, env, option, words):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = run_argv(tiny_dir)[:]
+    argv.remove("--no-ray")  # on the cluster, whose options are checked before Ray starts
+    if content is not None:
+        (tmp_path / "options.yaml").write_text(content)
+        argv += ["--config", str(tmp_path / "options.yaml")]
+    status, out, err = cli(capsys, *argv)
+    line = assert_one_line(status, err, "run", option)
+    assert words in line and out == ""

@@ -261,9 +261,11 @@ def test_top_p_samples_only_from_the_nucleus(tiny):
     with Session(tiny, store_config(tiny, device_blocks=1024)) as session:
         session.extend(ids)
         assert session.generate(6, temperature=1.0, seed=3, stop=[], top_p=1e-6) == greedy
-        for bad in (0, 1.5, -0.1, True):
-            with pytest.raises(ValueError, match="top_p"):
+        for bad in (0, 1.5, -0.1):
+            with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
                 session.generate(1, temperature=1.0, top_p=bad)
+        with pytest.raises(TypeError, match="top_p must be a number, got True"):
+            session.generate(1, temperature=1.0, top_p=True)
 
 
 def test_kv_manager_rejects_positions_that_do_not_continue_the_sequence(tiny):

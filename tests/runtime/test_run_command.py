@@ -80,11 +80,16 @@ def test_run_on_a_local_cluster_reuses_the_document(tiny_dir, tmp_path, capsys, 
     assert "saved; continue with: tiered run --resume" in out
 
 
-def test_run_resumes_a_session_saved_by_the_cluster(tiny_dir, tmp_path, capsys, local_ray):
+def test_run_resumes_a_session_saved_by_the_cluster(tiny_dir, tmp_path, capsys, local_ray, monkeypatch):
     args = run_args(tiny_dir, tmp_path)
     args[args.index("--context-tokens") + 1] = "60"  # room for the follow-up in the tiny model's 256 positions
-    assert cli(args + ["--sessions", "1"]) == 0
-    session_id = re.search(r"--resume (\w+)", capsys.readouterr().out).group(1)
+    options = tmp_path / "options.yaml"  # the cluster's options from the file, under the environment
+    options.write_text("cluster:\n  workers: 2\n  max_sequences: 1\n")
+    monkeypatch.setenv("TIERED_WORKERS", "1")
+    assert cli(args + ["--sessions", "1", "--config", str(options)]) == 0
+    out = capsys.readouterr().out
+    assert "with 1 replicas" in out and len(re.findall(r"^replica [0-9a-z]+ \(", out, flags=re.MULTILINE)) == 1
+    session_id = re.search(r"--resume (\w+)", out).group(1)
     serve.shutdown()
     ray.shutdown()
     held = len(list((tmp_path / "kv" / "blocks").rglob("*.blk")))

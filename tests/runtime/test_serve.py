@@ -5,7 +5,8 @@ Answers equal an in-process Session's at temperature 0; streamed equals non-stre
 turn reuses the first turn's blocks (cached_tokens), only within a tenant (API key, cache_salt);
 errors are OpenAI-shaped and the server keeps serving; 16 concurrent requests are all answered;
 a stream whose replicas are killed ends (completed or with an error event) and the conversation
-goes on.
+goes on; while no replica of an application lives, its requests get 503 and, once one is back,
+answers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 
 import httpx2 as httpx  # the HTTP client the openai package is built on
@@ -272,7 +274,7 @@ def test_a_stream_whose_replicas_die_ends_and_the_conversation_goes_on(client):
     messages = user("MENENIUS: Either you must confess yourselves wondrous malicious, or be accused of folly.")
     stream = chat(client, messages, max_tokens=120, stream=True)
     received = [next(stream), next(stream)]
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SessionReplica" in a["name"]]
+    replicas = replica_actors("tiered")
     assert len(replicas) == 2
     for entry in replicas:
         ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]))
@@ -285,3 +287,54 @@ def test_a_stream_whose_replicas_die_ends_and_the_conversation_goes_on(client):
     text = "".join(c.choices[0].delta.content or "" for c in received)
     follow_up = messages + [{"role": "assistant", "content": text[:40]}, {"role": "user", "content": "Well, well."}]
     assert chat(client, follow_up, max_tokens=2).usage.completion_tokens >= 1
+
+
+def replica_actors(application: str) -> list[dict]:
+    return [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{application}#SessionReplica")]
+
+
+def test_while_no_replica_lives_requests_get_503_and_then_answers(base_url, client, tiny_dir):
+    """A second application of one replica, with short timeouts; a bounded loop kills its replica as
+    soon as Serve starts a new one, so no replica can take a request meanwhile."""
+    args = dict(model=str(tiny_dir), served_model_name=MODEL, workers=1, api_keys=[KEY_A], default_max_tokens=2,
+                failover_timeout_s=1, call_timeout_s=3, **STORE)
+    serve.run(build(args), name="brief", route_prefix="/brief")
+    brief = openai.OpenAI(base_url=f"{base_url}/brief/v1", api_key=KEY_A, max_retries=0, timeout=60)
+    assert chat(brief, user("First, you know")).usage.completion_tokens >= 1
+    stop = threading.Event()
+
+    def keep_killing(limit_s: float = 20.0) -> None:
+        deadline_s = time.monotonic() + limit_s
+        while not stop.is_set() and time.monotonic() < deadline_s:
+            for entry in replica_actors("brief"):
+                try:
+                    ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]))
+                except ValueError:
+                    pass  # gone between the listing and the kill
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=keep_killing, daemon=True)
+    killer.start()
+    try:
+        time.sleep(0.5)
+        with pytest.raises(openai.InternalServerError) as refused:
+            chat(brief, user("Caius Marcius is chief enemy to the people."))
+        assert refused.value.status_code == 503
+        assert refused.value.body["code"] == "unavailable" and refused.value.body["type"] == "service_unavailable"
+        assert chat(client, user("Come, come."), max_tokens=2).usage.completion_tokens >= 1  # others go on
+    finally:
+        stop.set()
+        killer.join()
+    deadline_s = time.monotonic() + 180
+    while True:  # Serve replaces the replica; then the application answers again
+        try:
+            assert chat(brief, user("We know't, we know't.")).usage.completion_tokens >= 1
+            break
+        except openai.InternalServerError as error:
+            assert error.status_code == 503
+            if time.monotonic() > deadline_s:
+                raise
+            time.sleep(1)
+    serve.delete("brief")
+

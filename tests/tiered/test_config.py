@@ -65,13 +65,13 @@ def test_load_from_yaml_then_environment_then_arguments(tmp_path):
 def test_load_refuses_bad_files_and_variables(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("device: cpu\nhost_byte: 1024\n")
-    with pytest.raises(ValueError, match=r"bad\.yaml: unknown StoreConfig options \['host_byte'\]; valid options"):
+    with pytest.raises(ValueError, match=r"bad\.yaml \(StoreConfig\): unknown options \['host_byte'\]; valid options"):
         StoreConfig.load(path, env={})
     path.write_text("device: cpu\nhost_bytes: lots\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: host_bytes: StoreConfig\.host_bytes must be a size such as"):
         StoreConfig.load(path, env={})
     path.write_text("- device\n")
-    with pytest.raises(ValueError, match="expected a mapping of StoreConfig options, got list"):
+    with pytest.raises(ValueError, match="expected a mapping of options, got list"):
         StoreConfig.load(path, env={})
     path.write_text("device: [cpu\n")
     with pytest.raises(ValueError, match="is not valid YAML"):
@@ -86,7 +86,7 @@ def test_load_refuses_bad_files_and_variables(tmp_path):
 
 def test_docs_config_is_generated_from_the_declarations():
     table = reference()
-    assert (ROOT / "docs" / "CONFIG.md").read_text().startswith(table), "regenerate docs/CONFIG.md: docs/README"
+    assert (ROOT / "docs" / "CONFIG.md").read_text().startswith(table), "regenerate docs/CONFIG.md: python -m runtime.config_doc"
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == [f.name for f in dataclasses.fields(StoreConfig)]
     units = {row.split("`")[1]: row.split(" | ")[4] for row in rows}

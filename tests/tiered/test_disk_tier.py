@@ -419,3 +419,18 @@ def test_every_codec_payload_comes_back_byte_for_byte(tmp_path, name, dtype):
             assert codec.decode(got, "cpu").equal(codec.decode(item, "cpu"))
     finally:
         tier.close()
+
+
+@pytest.mark.parametrize("options, error, words", [
+    (dict(capacity_bytes=0), ValueError, r"DiskTier: capacity_bytes must be > 0, got 0"),
+    (dict(capacity_bytes="1MiB"), TypeError, r"DiskTier: capacity_bytes must be int, got '1MiB' \(str\)"),
+    (dict(zstd_level=23), ValueError, r"DiskTier: zstd_level must be in \[1, 22\], got 23"),
+    (dict(durability="always"), ValueError, r"DiskTier: durability must be one of \['record', 'segment', 'never'\]"),
+    (dict(compact_live_fraction=1.0), ValueError, r"DiskTier: compact_live_fraction must be in \[0, 1\), got 1\.0"),
+    (dict(directory=3), TypeError, r"DiskTier: directory must be a path, got 3 \(int\)"),
+])
+def test_bad_options_are_refused_naming_the_option_before_the_directory_is_touched(tmp_path, options, error, words):
+    arguments = {"directory": tmp_path / "d", "capacity_bytes": 1 << 20, **options}
+    with pytest.raises(error, match=words):
+        DiskTier(**arguments)
+    assert not (tmp_path / "d").exists()

@@ -19,38 +19,47 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 import xxhash
+from annotated_types import Ge, Le, Lt
 
 from ..block import BlockKey
+from ..checked import NonNegative, Positive, checked
 from ..codecs import Encoded
 from ..tier import Tier
 from .compress import Packer, shuffle_width, unpack
 from .counters import DiskCounters
 from .files import create_file, ensure_private_dir
 from .log import DURABILITY_MODES, SegmentLog
-from .manifest import MANIFEST_NAME, Identity, IdentityMismatch, read_manifest, write_manifest
-from .record import (DTYPE_NAMES, FIXED, FLAG_COMPRESSED, MAX_DIM, MAX_PAYLOAD_BYTES, RecordError, RecordHeader,
-                     check_codec_spec)
+from .manifest import (
+    MANIFEST_NAME,
+    Identity,
+    IdentityMismatch,
+    read_manifest,
+    write_manifest,
+)
+from .record import (
+    DTYPE_NAMES,
+    FIXED,
+    FLAG_COMPRESSED,
+    MAX_DIM,
+    MAX_PAYLOAD_BYTES,
+    RecordError,
+    RecordHeader,
+    check_codec_spec,
+)
 from .segment import segment_name
 
 LOCK_NAME = "LOCK"
 MiB = 1 << 20
 MIN_SEGMENT_BYTES = 64 << 10
 MAX_KEY_INT = (1 << 32) - 1
-ZSTD_LEVELS = range(1, 23)
 
 
 class DirectoryBusy(RuntimeError):
     """Another DiskTier (in this process or another) has the directory open for writing."""
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"DiskTier {name} must be int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"DiskTier {name} must be >= {low}, got {value}")
 
 
 class DiskTier(Tier):
@@ -68,26 +77,14 @@ class DiskTier(Tier):
     name = "disk"
     evicts_itself = True
 
-    def __init__(self, directory: str | Path, capacity_bytes: int, *, codec: str = "raw", block_tokens: int = 64,
-                 fingerprint: str = "", durability: str = "segment", zstd_level: int = 1, zstd_threads: int = 0,
-                 segment_bytes: int = 64 * MiB, compact_live_fraction: float = 0.5) -> None:
-        if not isinstance(directory, (str, Path)):
-            raise TypeError(f"DiskTier directory must be a path, got {type(directory).__name__}")
-        _check_int("capacity_bytes", capacity_bytes, 1)
-        _check_int("block_tokens", block_tokens, 1)
-        _check_int("zstd_threads", zstd_threads, 0)
-        _check_int("segment_bytes", segment_bytes, 1)
-        _check_int("zstd_level", zstd_level, 1)
-        if zstd_level not in ZSTD_LEVELS:
-            raise ValueError(f"DiskTier zstd_level must be 1..22, got {zstd_level}")
+    @checked
+    def __init__(self, directory: str | Path, capacity_bytes: Positive, *, codec: str = "raw",
+                 block_tokens: Positive = 64, fingerprint: str = "", durability: Literal[DURABILITY_MODES] = "segment",
+                 zstd_level: Annotated[int, Ge(1), Le(22)] = 1, zstd_threads: NonNegative = 0,
+                 segment_bytes: Positive = 64 * MiB, compact_live_fraction: Annotated[float, Ge(0), Lt(1)] = 0.5) -> None:
         check_codec_spec(codec)
-        if not isinstance(fingerprint, str) or len(fingerprint) > 1024 or not fingerprint.isprintable():
+        if len(fingerprint) > 1024 or not fingerprint.isprintable():
             raise ValueError(f"DiskTier fingerprint must be printable text of at most 1024 characters, got {fingerprint!r}")
-        if durability not in DURABILITY_MODES:
-            raise ValueError(f"DiskTier durability must be one of {list(DURABILITY_MODES)}, got {durability!r}")
-        if isinstance(compact_live_fraction, bool) or not isinstance(compact_live_fraction, (int, float)) \
-                or not 0 <= compact_live_fraction < 1:
-            raise ValueError(f"DiskTier compact_live_fraction must be in [0, 1), got {compact_live_fraction!r}")
         self.directory = Path(directory)
         self._capacity_bytes = capacity_bytes
         self._packer = Packer(zstd_level, zstd_threads)
