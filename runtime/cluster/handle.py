@@ -137,23 +137,25 @@ class ClusterSession:
             return self.cluster.call(method, self.session_id)
 
     def _place(self, tokens: list[int]) -> None:
+        """Place the session on a replica (the router picks it) from `tokens`, retrying until the
+        cluster's failover_timeout_s while replicas are lost: also a first placement whose replica
+        dies under it."""
         hashes = [d.hex() for d in chain_hashes(self._root, tokens, self.cluster.block_tokens)]
-        self.cluster.adopt(self.session_id, self.options, tokens, hashes)
-        self._placed = True
-
-    def _failover(self, tokens: list[int]) -> None:
-        """Place the session again (on a live replica) from `tokens`, retrying until the cluster's
-        failover_timeout_s while replicas are lost."""
         deadline_s = time.monotonic() + self.cluster.failover_timeout_s
         while True:
             try:
-                self._place(tokens)
-                self.failovers += 1
+                self.cluster.adopt(self.session_id, self.options, tokens, hashes)
+                self._placed = True
                 return
             except FAILOVER_ERRORS:
                 if time.monotonic() > deadline_s:
                     raise
                 time.sleep(RETRY_PAUSE_S)  # a back-off: Serve is replacing the replica
+
+    def _failover(self, tokens: list[int]) -> None:
+        """Place the session again, on a live replica, after its replica was lost."""
+        self._place(tokens)
+        self.failovers += 1
 
     def _check_open(self) -> None:
         if self._closed:

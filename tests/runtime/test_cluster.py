@@ -7,6 +7,7 @@ B; a replica killed mid-conversation is replaced and the conversation goes on un
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import urllib.request
@@ -192,6 +193,29 @@ def test_failover_after_the_hosting_replica_is_killed(cluster, tiny_model):
     resumed.generate(NEW_TOKENS)
     assert resumed.tokens == reference(tiny_model, turns[:2])
     resumed.close()
+
+
+def test_a_first_placement_on_a_replica_that_just_died_goes_to_a_live_one(cluster, tiny_model):
+    busy = [cluster.open()]
+    busy[0].extend(prompt(30, 20))
+    deadline_s = time.monotonic() + 120  # a replica killed by an earlier test may still be starting again
+    for k in itertools.count():  # new sessions go to the least loaded live replica: soon the other one
+        idle = cluster.open()
+        idle.extend(prompt(31 + k, 20))
+        if idle.replica_id != busy[0].replica_id or time.monotonic() > deadline_s:
+            break
+        busy.append(idle)
+        time.sleep(2)
+    victim, victim_actor = idle.replica_id, cluster.worker_of(idle.session_id)
+    assert victim != busy[0].replica_id
+    idle.close()  # the victim is the least loaded replica again: where the next new session is routed
+    ray.kill(victim_actor)
+    session = cluster.open()
+    turns = [prompt(40, 40)]
+    assert converse(session, turns) == reference(tiny_model, turns)  # the adopt that met the dead replica was retried
+    assert session.replica_id != victim and session.failovers == 0
+    for opened in (session, *busy):
+        opened.close()
 
 
 def test_bad_arguments(tiny_dir):
