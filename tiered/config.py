@@ -18,10 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
-from annotated_types import Ge, Le, Lt
 
 from policies import make_eviction
 
@@ -39,6 +38,7 @@ from .checked import (
 )
 from .codecs import make_codec
 from .disk.log import DURABILITY_MODES
+from .disk.tier import LiveFraction, ZstdLevel
 
 DISK_WRITE_MODES = ("through", "back")
 MiB = 1 << 20
@@ -102,13 +102,13 @@ class StoreConfig:
         'when the disk tier fsyncs: "record" (every record), "segment" (when a segment seals, before '
         'compaction deletes one, and on close) or "never". A killed process loses nothing put returned from '
         "in any mode; a power loss can lose unsynced records, which then read as misses"))
-    disk_zstd_level: Annotated[int, Ge(1), Le(22)] = field(default=1, metadata=doc(
+    disk_zstd_level: ZstdLevel = field(default=1, metadata=doc(
         "zstd level of disk payloads (1: fastest, and as small as 3 on KV)"))
     disk_zstd_threads: NonNegative = field(default=0, metadata=doc(
         "zstd worker threads for payload planes of 1 MiB or more; 0: none"))
     disk_segment_bytes: Positive = field(default=64 * MiB, metadata=doc(
         "a segment file seals past min(this, disk_bytes / 8), and at least 64 KiB"))
-    disk_compact_live_fraction: Annotated[float, Ge(0), Lt(1)] = field(default=0.5, metadata=doc(
+    disk_compact_live_fraction: LiveFraction = field(default=0.5, metadata=doc(
         "sealed segments with less live data than this fraction are compacted in the background (0 turns "
         "compaction off)"))
     disk_write: Literal[DISK_WRITE_MODES] = field(default="through", metadata=doc(

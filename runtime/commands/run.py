@@ -103,17 +103,21 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _checked_options(args: argparse.Namespace) -> dict:
-    """The cluster's options (none with --no-ray) from --config and TIERED_* variables, and the
-    store's checked, before any work: a bad one is a usage error naming where it came from."""
+    """The cluster's options (none with --no-ray): DEFAULT_WORKERS, then --config's and the TIERED_*
+    variables', then --workers; and the store's checked too, before any work. A bad one is a usage
+    error naming where it came from."""
     try:
         store_config(args, Path(tempfile.gettempdir()))  # made again later, over the run's scratch directory
         if args.no_ray:
             return {}
         from ..cluster import Cluster
 
-        return Cluster.options(args.config)
+        options = {"workers": DEFAULT_WORKERS, **Cluster.options(args.config)}
     except (ValueError, TypeError) as error:
         raise UsageError("--config" if args.config else "TIERED_* variables", " ".join(str(error).split())) from None
+    if args.workers is not None:
+        options["workers"] = args.workers
+    return options
 
 
 def store_config(args: argparse.Namespace, disk_dir: Path) -> StoreConfig:

@@ -19,21 +19,19 @@ from pathlib import Path
 from rich.table import Table
 
 from ..model.tokenizer import Tokenizer
-from .run import DEFAULT_WORKERS, session_options, store_config, tier_table, turn_prompt
+from .run import session_options, store_config, tier_table, turn_prompt
 from .tables import print_table
 
 
 def run_on_cluster(args: argparse.Namespace, tokenizer: Tokenizer, text: str, questions: list[str], scratch: str,
                    options: dict) -> int:
-    """The conversation on a Cluster made with `options` (its FILE_OPTIONS from --config and the
-    environment; --workers overrides theirs)."""
+    """The conversation on a Cluster made with `options` (its FILE_OPTIONS: run._checked_options)."""
     from ..cluster import Cluster
 
     # the replicas' own disk tiers are caches, in scratch space; what outlives the run (sealed
     # blocks, saved sessions) is in the shared directory
     shared_dir = args.disk_dir or Path(scratch) / "shared"
     where = f"the Ray cluster at {args.address}" if args.address else "a local Ray cluster"
-    options = {"workers": DEFAULT_WORKERS, **options, **({"workers": args.workers} if args.workers else {})}
     config = store_config(args, Path(scratch) / "kv")
     print(f"starting {where} with {options['workers']} replicas of {args.model} ...", flush=True)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's progress lines would bury the answers

@@ -237,7 +237,7 @@ def test_run_refuses_bad_options_of_the_file_and_the_environment_before_any_work
         tiny_dir, capsys, monkeypatch, tmp_path, content, env, option, words):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    argv = run_argv(tiny_dir)[:]
+    argv = run_argv(tiny_dir)
     argv.remove("--no-ray")  # on the cluster, whose options are checked before Ray starts
     if content is not None:
         (tmp_path / "options.yaml").write_text(content)

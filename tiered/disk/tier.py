@@ -58,6 +58,10 @@ MIN_SEGMENT_BYTES = 64 << 10
 MAX_KEY_INT = (1 << 32) - 1
 
 
+ZstdLevel = Annotated[int, Ge(1), Le(22)]  # zstd's levels
+LiveFraction = Annotated[float, Ge(0), Lt(1)]  # of a sealed segment's bytes still live, below which it is compacted
+
+
 class DirectoryBusy(RuntimeError):
     """Another DiskTier (in this process or another) has the directory open for writing."""
 
@@ -80,8 +84,8 @@ class DiskTier(Tier):
     @checked
     def __init__(self, directory: str | Path, capacity_bytes: Positive, *, codec: str = "raw",
                  block_tokens: Positive = 64, fingerprint: str = "", durability: Literal[DURABILITY_MODES] = "segment",
-                 zstd_level: Annotated[int, Ge(1), Le(22)] = 1, zstd_threads: NonNegative = 0,
-                 segment_bytes: Positive = 64 * MiB, compact_live_fraction: Annotated[float, Ge(0), Lt(1)] = 0.5) -> None:
+                 zstd_level: ZstdLevel = 1, zstd_threads: NonNegative = 0,
+                 segment_bytes: Positive = 64 * MiB, compact_live_fraction: LiveFraction = 0.5) -> None:
         check_codec_spec(codec)
         if len(fingerprint) > 1024 or not fingerprint.isprintable():
             raise ValueError(f"DiskTier fingerprint must be printable text of at most 1024 characters, got {fingerprint!r}")
