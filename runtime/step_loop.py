@@ -2,13 +2,16 @@
 
 A request (an extend, or a stream of generated tokens) joins the running batch at the next step and
 leaves when it finishes (a stop token, `max_new_tokens`, the end of its prompt, a cancel), without
-waiting for the others. Each step packs every running request's next chunk: the decodes' one token
-each first, then prefill chunks within what is left of `step_tokens` (chunked prefill, as vLLM's
-scheduler does), so a long prompt does not stall the others' decodes. The model computes them in
-one forward (Model.forward_batch): the matrix multiplications once, attention per sequence over its
-own blocks, exact and sparse sessions alike. The sessions of one worker share one store, so they
-compete for its tiers under one eviction policy; what every running session reads is pinned while
-a step runs.
+waiting for the others. Each step packs every running request's next chunk, shortest first within
+`step_tokens` (chunked prefill, as vLLM's scheduler does): the decodes' one token each, then the
+short prefills (a new turn of a conversation whose earlier turns are cached), then the long ones,
+by arrival among equals. So a long prompt does not stall the others' decodes, and a reused turn's
+few tokens do not queue behind another conversation's long prompt (its time to first token is a
+step, not that prompt's prefill); a long prefill takes what the short ones leave of each step.
+The model computes them in one forward (Model.forward_batch): the matrix multiplications once,
+attention per sequence over its own blocks, exact and sparse sessions alike. The sessions of one
+worker share one store, so they compete for its tiers under one eviction policy; what every running
+session reads is pinned while a step runs.
 
 Session.extend and Session.stream compute the same steps alone (runtime.steps); a session's
 tokens are the same either way (greedy: the same tokens; the logits agree to float rounding).
@@ -110,7 +113,7 @@ class Request:
 class StepLoop:
     """Runs the requests of sessions of `model` together, a forward step at a time.
 
-    step_tokens     tokens one step computes at most (decodes first, then prefill chunks)
+    step_tokens     tokens one step computes at most (the shortest chunks first: decodes, then prefills)
     max_sequences   requests one step computes at most (vLLM's max_num_seqs); 1 runs the sessions
                     one at a time, as a worker without batching does
     """
@@ -189,7 +192,7 @@ class StepLoop:
         waiting = self.settle()
         chosen: list[tuple[Request, int]] = []
         budget = self.step_tokens
-        for request in sorted(waiting, key=lambda r: len(r._chunk.token_ids) > 1):  # decodes first, then by arrival
+        for request in sorted(waiting, key=lambda r: len(r._chunk.token_ids)):  # shortest first, then by arrival
             take = min(len(request._chunk.token_ids), budget)
             if take and len(chosen) < self.max_sequences:
                 chosen.append((request, take))

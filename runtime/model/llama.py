@@ -16,6 +16,7 @@ from torch import Tensor
 from .backend import AttentionBackend
 from .checkpoint import Checkpoint, layer_prefix
 from .config import ModelConfig
+from .packed import Linear
 from .rope import apply_rope, rope_tables
 from .tokenizer import Tokenizer
 
@@ -34,6 +35,21 @@ class LayerWeights:
     mlp_norm: Tensor  # [hidden]
     gate_up: Tensor  # [2 * intermediate, hidden]
     down: Tensor  # [hidden, intermediate]
+
+
+@dataclass(frozen=True)
+class LayerLinears:
+    """The matrix multiplications of one decoder layer, over its LayerWeights (runtime.model.packed)."""
+
+    qkv: Linear
+    out: Linear
+    gate_up: Linear
+    down: Linear
+
+    @classmethod
+    def of(cls, layer: LayerWeights) -> LayerLinears:
+        return cls(Linear(layer.qkv, layer.qkv_bias), Linear(layer.out, layer.out_bias), Linear(layer.gate_up),
+                   Linear(layer.down))
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,8 @@ class Model:
         self.embedding = weight("model.embed_tokens.weight")  # [vocab, hidden]
         self.lm_head = self.embedding if cfg.tie_word_embeddings else weight("lm_head.weight")  # [vocab, hidden]
         self.final_norm = weight("model.norm.weight")
+        self._linears = [LayerLinears.of(layer) for layer in self.layers]
+        self._vocab = Linear(self.lm_head)
         self.cos, self.sin = rope_tables(cfg, dtype, self.device)  # each [max_positions, head_dim]
         self._q_size = cfg.num_heads * cfg.head_dim
         self._kv_size = cfg.num_kv_heads * cfg.head_dim
@@ -180,23 +198,23 @@ class Model:
         n = token_ids.numel()
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # each [n, 1, head_dim]
         x = self.embedding[token_ids]  # [n, hidden]
-        for index, layer in enumerate(self.layers):
+        for index, (layer, linear) in enumerate(zip(self.layers, self._linears)):
             h = self._norm(x, layer.attention_norm)
-            qk, v = F.linear(h, layer.qkv, layer.qkv_bias).split(self._qk_v_sizes, dim=1)  # [n, (heads + kv_heads) * head_dim], [n, kv_heads * head_dim]
+            qk, v = linear.qkv(h).split(self._qk_v_sizes, dim=1)  # [n, (heads + kv_heads) * head_dim], [n, kv_heads * head_dim]
             qk = apply_rope(qk.view(n, heads + kv_heads, head_dim), cos, sin).transpose(0, 1)  # [heads + kv_heads, n, head_dim]
             v = v.view(n, kv_heads, head_dim).transpose(0, 1)  # [kv_heads, n, head_dim]
             attended = torch.cat([  # [heads, n, head_dim]: each sequence over its own cache
                 part.kv.attend(index, qk[:heads, a:b], qk[heads:, a:b], v[:, a:b], positions[a:b])
                 for part, a, b in zip(parts, bounds, bounds[1:])
             ], dim=1) if len(parts) > 1 else parts[0].kv.attend(index, qk[:heads], qk[heads:], v, positions)
-            x = x + F.linear(attended.transpose(0, 1).reshape(n, self._q_size), layer.out, layer.out_bias)
-            gate, up = F.linear(self._norm(x, layer.mlp_norm), layer.gate_up).chunk(2, dim=-1)  # each [n, intermediate]
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            x = x + linear.out(attended.transpose(0, 1).reshape(n, self._q_size))
+            gate, up = linear.gate_up(self._norm(x, layer.mlp_norm)).chunk(2, dim=-1)  # each [n, intermediate]
+            x = x + linear.down(F.silu(gate) * up)
         if any(part.last_only for part in parts):  # the vocabulary projection only for rows someone reads
             rows = [(b - 1, b) if part.last_only else (a, b) for part, a, b in zip(parts, bounds, bounds[1:])]
             x = torch.cat([x[a:b] for a, b in rows])
             sizes = [b - a for a, b in rows]
-        logits = F.linear(self._norm(x, self.final_norm), self.lm_head).float()  # [rows, vocab]
+        logits = self._vocab(self._norm(x, self.final_norm)).float()  # [rows, vocab]
         return list(logits.split(sizes)) if len(parts) > 1 else [logits]
 
     __call__ = forward

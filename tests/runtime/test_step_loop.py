@@ -95,6 +95,22 @@ def test_a_long_prefill_does_not_stall_the_decodes_of_others(tiny_model):
     store.close()
 
 
+def test_a_short_prefill_is_not_queued_behind_a_long_one_that_came_first(tiny_model):
+    """A new turn's few tokens go into the next step, though a long prompt arrived before them and
+    fills the step's budget; the long prompt takes what is left and still gets its tokens."""
+    store = TieredStore(model_store_config(tiny_model, config(tiny_model)))
+    loop = StepLoop(tiny_model, step_tokens=16)
+    reader, asker = Session(tiny_model, store=store), Session(tiny_model, store=store)
+    long_prompt = loop.extend(reader, prompts(200, seed=1)[0])
+    loop.step()
+    short_prompt = loop.extend(asker, prompts(5, seed=2)[0])
+    assert loop.step() == 16  # the 5 tokens and 11 of the long prompt's
+    assert short_prompt.finished and short_prompt.result() == 5
+    assert not long_prompt.finished
+    loop.run()
+    assert long_prompt.result() == 200 and len(reader.tokens) == 200
+    store.close()
+
 def test_a_cancelled_stream_frees_its_slot_and_its_partial_block(tiny_model):
     store = TieredStore(model_store_config(tiny_model, config(tiny_model)))
     loop = StepLoop(tiny_model, step_tokens=64)
@@ -185,3 +201,4 @@ def test_a_worker_batches_the_streams_its_caller_interleaves(tiny_model, tiny_di
     assert outputs == expected
     assert worker.loop.steps - steps_before <= 11  # one step decoded both
     worker.shutdown()
+
