@@ -111,6 +111,7 @@ def test_a_short_prefill_is_not_queued_behind_a_long_one_that_came_first(tiny_mo
     assert long_prompt.result() == 200 and len(reader.tokens) == 200
     store.close()
 
+
 def test_a_cancelled_stream_frees_its_slot_and_its_partial_block(tiny_model):
     store = TieredStore(model_store_config(tiny_model, config(tiny_model)))
     loop = StepLoop(tiny_model, step_tokens=64)
@@ -201,4 +202,3 @@ def test_a_worker_batches_the_streams_its_caller_interleaves(tiny_model, tiny_di
     assert outputs == expected
     assert worker.loop.steps - steps_before <= 11  # one step decoded both
     worker.shutdown()
-
