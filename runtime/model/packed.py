@@ -44,5 +44,13 @@ class Linear:
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.packed is None or x.shape[0] < 2:
-            return F.linear(x, self.weight, self.bias)
+            return self.unpacked(x)
+        return self.over_packed(x)
+
+    def unpacked(self, x: Tensor) -> Tensor:
+        """F.linear over the weight as loaded."""
+        return F.linear(x, self.weight, self.bias)
+
+    def over_packed(self, x: Tensor) -> Tensor:
+        """The product over the prepacked copy (there must be one), whatever the row count."""
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")

@@ -39,3 +39,14 @@ def test_low_precision_weights_are_not_packed(dtype):
     assert linear.packed is None
     x = torch.randn(4, 8).to(dtype)
     assert torch.equal(linear(x), F.linear(x, weight))
+
+
+def test_one_row_takes_f_linear_and_more_take_the_packed_copy():
+    weight = torch.randn(64, 32)
+    linear = Linear(weight)
+    for rows in (1, 5):
+        x = torch.randn(rows, 32)
+        expected = linear.unpacked(x) if rows == 1 else linear.over_packed(x)
+        assert torch.equal(linear(x), expected)
+    one = torch.randn(1, 32)
+    torch.testing.assert_close(linear.over_packed(one), linear.unpacked(one), rtol=1e-5, atol=1e-5)
