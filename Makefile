@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch; pyproject keeps an open range for users who bring their own.
 TORCH := torch==2.13.0
 
-.PHONY: run test bench clean peers
+.PHONY: run test clean peers bench-hf
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ $(PEERS_STAMP): benchmarks/peers/requirements.txt pyproject.toml
 
 peers: $(PEERS_STAMP)
 	$(PEERS_PY) benchmarks/peers/bench_peers.py $(PEERS_ARGS)
+
+# transformers' caches against TieredCache (issue 11): QuantizedCache needs quanto and HQQ
+# (HQQ's CUDA kernels are not built: DISABLE_CUDA).
+QUANT_STAMP := $(VENV)/.installed-quant
+BENCH_HF_ARGS ?=
+
+$(QUANT_STAMP): $(STAMP)
+	DISABLE_CUDA=1 $(PY) -m pip install --quiet -e '.[hf,quant]'
+	touch $(QUANT_STAMP)
+
+bench-hf: $(QUANT_STAMP)
+	$(PY) benchmarks/bench_hf.py $(BENCH_HF_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

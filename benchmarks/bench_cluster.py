@@ -3,8 +3,10 @@ concurrent multi-turn conversations, prefix- and session-aware routing against r
 and 2 replicas; and failover time (ray.kill of a session's replica -> its next token).
 
 Each conversation: a document and a question, then --turns - 1 more questions, --new-tokens
-generated greedily after each; conversations run concurrently (one thread each). The documents
-are read once before the conversations start, so new sessions find them cached somewhere.
+generated greedily after each; conversations run concurrently (one thread each), in lockstep: every
+conversation starts turn t when all have finished turn t - 1, so each turn's TTFT is measured under
+the same load in both routings. The documents are read once before the conversations start, so new
+sessions find them cached somewhere.
 
     routing          how a turn reaches a replica
     prefix-affinity  ours: a session's turns go to its replica (runtime.Cluster's handles); a new
@@ -15,11 +17,12 @@ are read once before the conversations start, so new sessions find them cached s
                      shared tier (round-robin+shared: the same with a shared tier)
 
 --documents shared is the issue's workload (one document for all); `own` gives each
-conversation its own document, as in LMCache's multi-round QA. A replica serves one call at a
-time and the replicas share this machine's cores: the figures are bound by its CPU, and TTFT
-includes queueing behind other sessions' calls on the same replica.
+conversation its own document, as in LMCache's multi-round QA. A replica runs its sessions' calls
+in shared forward steps (continuous batching) and the replicas share this machine's cores: the
+figures are bound by its CPU, and TTFT includes waiting for steps that carry other sessions' tokens.
 
     python benchmarks/bench_cluster.py                                  # SmolLM2-135M, 2K-token document, 8 x 3 turns
+    python benchmarks/bench_cluster.py --replicas 2 --runs 3                      # medians of 3 runs each
     python benchmarks/bench_cluster.py --doc-tokens 512 --conversations 4 --replicas 2 --documents own
 """
 
@@ -29,11 +32,14 @@ import argparse
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
+from rich.console import Console
+from rich.table import Table
 
 from runtime import Cluster
 from runtime.actors import start_ray
@@ -59,13 +65,15 @@ def questions(tokenizer, k: int, turns: int, length: int) -> list[list[int]]:
 
 
 def converse(cluster: Cluster, doc: list[int], turns: list[list[int]], new_tokens: int,
-             stateless: bool) -> list[tuple[int, float, int]]:
+             stateless: bool, turn_starts: threading.Barrier) -> list[tuple[int, float, int]]:
     """(turn, TTFT seconds, tokens processed) per turn of one conversation. `stateless`: every turn
-    is a new request with the whole conversation (a new session, closed after it)."""
+    is a new request with the whole conversation (a new session, closed after it). Each turn begins
+    when every conversation has reached `turn_starts`."""
     rows, history = [], []
     session = None if stateless else cluster.open()
     try:
         for turn, question in enumerate(turns):
+            turn_starts.wait()
             prompt = doc + question if turn == 0 else question
             start_s = time.perf_counter()
             if stateless:
@@ -81,6 +89,9 @@ def converse(cluster: Cluster, doc: list[int], turns: list[list[int]], new_token
             rows.append((turn, ttft_s, len(prompt) + len(answer)))
             if stateless:
                 session.close()
+    except BaseException:
+        turn_starts.abort()  # the other conversations stop at their next turn instead of waiting for this one
+        raise
     finally:
         if session is not None:
             session.close()
@@ -101,11 +112,12 @@ def run(args, replicas: int, routing: str, tokenizer) -> dict:
                 warm = cluster.open()
                 warm.extend(doc)
                 warm.close()
+            turn_starts = threading.Barrier(args.conversations)
             start_s = time.perf_counter()
             with ThreadPoolExecutor(args.conversations) as pool:
                 results = list(pool.map(
                     lambda k: converse(cluster, doc_of[k], questions(tokenizer, k, args.turns, args.question_tokens),
-                                       args.new_tokens, stateless),
+                                       args.new_tokens, stateless, turn_starts),
                     range(args.conversations)))
             wall_s = time.perf_counter() - start_s
             failover_s = failover(cluster, docs[0], args) if replicas > 1 and not stateless else None
@@ -135,7 +147,8 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--question-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=128,
+                        help="tokens answered per turn (LMCache's multi-round QA answers 100)")
     parser.add_argument("--block-tokens", type=int, default=64)
     parser.add_argument("--device-mib", type=int, default=256, help="each replica's device tier")
     parser.add_argument("--host-mib", type=int, default=256, help="each replica's host tier")
@@ -144,30 +157,49 @@ def main() -> None:
     parser.add_argument("--replicas", default="1,2", help="comma-separated replica counts")
     parser.add_argument("--routings", default="prefix-affinity,round-robin",
                         help="prefix-affinity, round-robin, round-robin+shared (see the module docstring)")
+    parser.add_argument("--runs", type=int, default=1, help="runs of every configuration, taking turns (medians)")
     args = parser.parse_args()
     _, tokenizer = load_header(args.model)
     start_ray("local")
-    print(f"# {platform.processor() or platform.machine()}, {ray.cluster_resources().get('CPU', 0):g} CPUs; "
-          f"{args.model}; {args.conversations} conversations x {args.turns} turns over {args.documents} "
-          f"{args.doc_tokens}-token documents")
-    print(f"{'replicas':>8} {'routing':>18} {'tok/s':>8} " + " ".join(f"{f'ttft{t + 1} s':>9}" for t in range(args.turns))
-          + f" {'failover s':>10}")
-    results = []
-    for replicas in (int(r) for r in args.replicas.split(",")):
-        for routing in args.routings.split(","):
+    console = Console(width=160)
+    console.print(f"{platform.processor() or platform.machine()}, {ray.cluster_resources().get('CPU', 0):g} CPUs; "
+                  f"{args.model}; {args.conversations} conversations x {args.turns} turns over {args.documents} "
+                  f"{args.doc_tokens}-token documents, {args.new_tokens} tokens answered per turn; {args.runs} runs")
+    configs = [(int(r), routing) for r in args.replicas.split(",") for routing in args.routings.split(",")]
+    results: dict[tuple[int, str], list[dict]] = {config: [] for config in configs}
+    for run_index in range(args.runs):  # configurations take turns, so drift on the machine reaches them all
+        for replicas, routing in configs:
             r = run(args, replicas, routing, tokenizer)
-            results.append(r)
-            failover_s = "-" if r["failover_s"] is None else f"{r['failover_s']:.2f}"
-            print(f"{replicas:>8} {routing:>18} {r['tokens_per_s']:>8.0f} "
-                  + " ".join(f"{r['ttft_s'][t]:>9.3f}" for t in range(args.turns)) + f" {failover_s:>10}", flush=True)
-    for replicas in sorted({r["replicas"] for r in results}):
-        by = {r["routing"]: r for r in results if r["replicas"] == replicas}
-        for baseline in (b for b in ("round-robin", "round-robin+shared") if b in by and "prefix-affinity" in by):
-            speedups = [by[baseline]["ttft_s"][t] / by["prefix-affinity"]["ttft_s"][t] for t in range(args.turns)]
-            print(f"# {replicas} replicas: TTFT {baseline} / prefix-affinity per turn: "
-                  + ", ".join(f"{s:.1f}x" for s in speedups))
-    print("# bound by this machine's CPUs: replicas share its cores; TTFT includes queueing behind other sessions")
+            results[replicas, routing].append(r)
+            console.print(f"run {run_index + 1}: {replicas} replicas, {routing}: {r['tokens_per_s']:.0f} tok/s, TTFT "
+                          + ", ".join(f"{r['ttft_s'][t]:.2f}" for t in range(args.turns)) + " s")
+    turns = range(args.turns)
+    table = Table("replicas", "routing", "tok/s", *(f"TTFT turn {t + 1} s" for t in turns), "failover s",
+                  title="medians of the runs (range)")
+    for (replicas, routing), rows in results.items():
+        failovers = [r["failover_s"] for r in rows if r["failover_s"] is not None]
+        table.add_row(str(replicas), routing, spread([r["tokens_per_s"] for r in rows], "{:.0f}"),
+                      *(spread([r["ttft_s"][t] for r in rows]) for t in turns), spread(failovers) if failovers else "-")
+    console.print(table)
+    ratios = Table("replicas", "TTFT ratio", *(f"turn {t + 1}" for t in turns),
+                   title="time to first token, baseline / prefix-affinity, run by run: median (range)")
+    for replicas in dict.fromkeys(r for r, _ in configs):
+        ours = results.get((replicas, "prefix-affinity"))
+        for baseline in ("round-robin", "round-robin+shared"):
+            theirs = results.get((replicas, baseline))
+            if ours and theirs:
+                ratios.add_row(str(replicas), f"{baseline} / prefix-affinity",
+                               *(spread([b["ttft_s"][t] / a["ttft_s"][t] for a, b in zip(ours, theirs)], "{:.1f}x")
+                                 for t in turns))
+    console.print(ratios)
+    console.print("bound by this machine's CPUs: replicas share its cores; TTFT includes queueing behind other sessions")
     ray.shutdown()
+
+
+def spread(values: list[float], form: str = "{:.2f}") -> str:
+    """The median of `values`, with their range when there are several."""
+    median = form.format(statistics.median(values))
+    return median if len(values) == 1 else f"{median} ({form.format(min(values))}-{form.format(max(values))})"
 
 
 if __name__ == "__main__":

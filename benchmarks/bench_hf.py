@@ -3,21 +3,26 @@ QuantizedCache (quanto / HQQ int4, where they install) and TieredCache (25% of t
 the rest in an int8 host tier), at each context length, in one run.
 
 For each cache and context: decode tok/s (teacher-forced decode of DynamicCache's own greedy
-continuation, one token a step), peak resident KV bytes per tier, greedy agreement with DynamicCache
-over those steps (does the cache's argmax equal DynamicCache's token?), and perplexity of the held-out
-tokens that follow the context in the text (one forward of them after the prefill).
+continuation, one token a step; median and range of --runs runs, the caches taking turns), peak
+resident KV bytes per tier, greedy agreement with DynamicCache over those steps (does the cache's
+argmax equal DynamicCache's token?), and perplexity of the held-out tokens that follow the context
+in the text (one forward of them after the prefill).
 
-    python benchmarks/bench_hf.py [--contexts 4096 8192] [--decode-tokens 256] [--heldout-tokens 256]
+    python benchmarks/bench_hf.py [--contexts 4096 8192] [--decode-tokens 256] [--heldout-tokens 256] [--threads N]
+    make bench-hf   # installs quanto and HQQ (the quant extra) first
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 from importlib import resources
 
 import torch
+from rich.console import Console
+from rich.table import Table
 from transformers import AutoModelForCausalLM, DynamicCache, QuantizedCache
 
 from runtime import load_model
@@ -73,24 +78,42 @@ def resident_kv_bytes(cache) -> dict[str, int]:
 def _layer_tensors(layer) -> list[torch.Tensor]:
     found = [t for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)]
     for name in ("_quantized_keys", "_quantized_values"):
-        packed = getattr(layer, name, None)
-        if isinstance(packed, torch.Tensor):
-            found.append(packed)
-        elif packed is not None:  # a backend's quantized tensor: count its plain tensors
-            found.extend(t for t in vars(packed).values() if isinstance(t, torch.Tensor))
+        found.extend(_plain_tensors(getattr(layer, name, None)))
     return found
 
 
+def _plain_tensors(packed) -> list[torch.Tensor]:
+    """The plain tensors holding a backend's quantized state: a tensor subclass (quanto's QTensor) by
+    the inner tensors it flattens to, a container (HQQ's codes and meta dict) by its items."""
+    if isinstance(packed, torch.Tensor):
+        if type(packed) is not torch.Tensor and hasattr(packed, "__tensor_flatten__"):
+            names, _ = packed.__tensor_flatten__()
+            return [t for n in names for t in _plain_tensors(getattr(packed, n))]
+        return [packed]
+    if isinstance(packed, dict):
+        return [t for v in packed.values() for t in _plain_tensors(v)]
+    if isinstance(packed, (list, tuple)):
+        return [t for v in packed for t in _plain_tensors(v)]
+    return []
+
+
 @torch.no_grad()
-def measure(model, make_cache, context: torch.Tensor, heldout: torch.Tensor, forced: torch.Tensor) -> dict:
-    """Perplexity of `heldout` after `context`; then teacher-forced decode of `forced` from `context`."""
+def perplexity(model, make_cache, context: torch.Tensor, heldout: torch.Tensor) -> tuple[float, dict]:
+    """Perplexity of `heldout` after `context` (one forward of it), and the KV bytes each tier then holds."""
     cache = make_cache()
     model(context, cache=cache)
     logits = model(heldout[:, :-1], cache=cache).logits[0]  # [heldout - 1, vocab]
     nll = torch.nn.functional.cross_entropy(logits.float(), heldout[0, 1:])
-    peak = resident_kv_bytes(cache)
+    held = resident_kv_bytes(cache)
     if hasattr(cache, "close"):
         cache.close()
+    return math.exp(nll.item()), held
+
+
+@torch.no_grad()
+def decode(model, make_cache, context: torch.Tensor, forced: torch.Tensor) -> tuple[float, float, dict]:
+    """Teacher-forced decode of `forced` after `context`: (tok/s, greedy agreement with `forced`, KV
+    bytes each tier holds at the end)."""
     cache = make_cache()
     logits = model(context, cache=cache).logits[:, -1]
     agree = 0
@@ -99,11 +122,10 @@ def measure(model, make_cache, context: torch.Tensor, heldout: torch.Tensor, for
         agree += int(logits.argmax(-1).item() == token.item())
         logits = model(token.view(1, 1), cache=cache).logits[:, -1]
     elapsed_s = time.perf_counter() - start_s
-    for place, nbytes in resident_kv_bytes(cache).items():
-        peak[place] = max(peak.get(place, 0), nbytes)
+    held = resident_kv_bytes(cache)
     if hasattr(cache, "close"):
         cache.close()
-    return dict(tok_s=forced.shape[1] / elapsed_s, agreement=agree / forced.shape[1], ppl=math.exp(nll.item()), kv=peak)
+    return forced.shape[1] / elapsed_s, agree / forced.shape[1], held
 
 
 def main() -> None:
@@ -111,7 +133,10 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--heldout-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--runs", type=int, default=3, help="decode runs per cache (median and range of tok/s)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     path = smollm2_135m()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).to(device).eval()
@@ -119,28 +144,44 @@ def main() -> None:
     needed = max(args.contexts) + args.heldout_tokens
     ids = load_model("smollm2-135m").tokenizer.encode(text[: needed * 6])[:needed]
     all_ids = torch.tensor([ids], device=device)  # [1, needed]
-    print(f"SmolLM2-135M fp32 on {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'context':>7}  {'cache':<36} {'tok/s':>7} {'x dyn':>6} {'device KV MiB':>13} {'host KV MiB':>11} "
-          f"{'agree':>6} {'ppl':>7}")
+    table = Table("context", "cache", "tok/s (median, range)", "x DynamicCache", "device KV MiB", "host KV MiB", "agreement", "perplexity",
+                  title=f"SmolLM2-135M fp32 on {device}, torch {torch.__version__}, {args.threads} threads, "
+                        f"{args.decode_tokens} decode steps, {args.heldout_tokens} held-out tokens")
     for tokens in args.contexts:
         context, heldout = all_ids[:, :tokens], all_ids[:, tokens : tokens + args.heldout_tokens]
         with torch.no_grad():
             greedy = model.generate(context, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
                                     do_sample=False, cache=DynamicCache(config=model.config))
         forced = greedy[:, tokens:]  # [1, decode_tokens]: DynamicCache's greedy continuation
-        base = None
-        for name, make in candidates(model.config, tokens + args.decode_tokens).items():
-            try:
-                result = measure(model, make, context, heldout, forced)
-            except Exception as error:  # a backend that is not installed or does not run on this device
-                print(f"{tokens:>7}  {name:<36} does not run here: {type(error).__name__}: {str(error)[:90]}")
+        speeds: dict[str, list[float]] = {}
+        results: dict[str, dict] = {}
+        for run in range(args.runs):  # the caches take turns, so drift on the machine reaches them all
+            for name, make in candidates(model.config, tokens + args.decode_tokens).items():
+                if results.get(name, {}).get("error"):
+                    continue
+                try:
+                    tok_s, agreement, held = decode(model, make, context, forced)
+                    if run == 0:
+                        ppl, held_ppl = perplexity(model, make, context, heldout)
+                        peak = {p: max(held.get(p, 0), held_ppl.get(p, 0)) for p in {*held, *held_ppl}}
+                        results[name] = {"agreement": agreement, "ppl": ppl, "kv": peak}
+                except Exception as error:  # a backend that is not installed or does not run on this device
+                    results[name] = {"error": f"does not run here: {type(error).__name__}: {str(error)[:80]}"}
+                    continue
+                speeds.setdefault(name, []).append(tok_s)
+                print(f"{tokens} {name} run {run + 1}: {tok_s:.2f} tok/s", flush=True)
+        base = statistics.median(speeds["DynamicCache"])
+        for name, result in results.items():
+            if "error" in result:
+                table.add_row(str(tokens), name, result["error"])
                 continue
-            base = base or result["tok_s"]
-            kv = result["kv"]
-            device_mib = kv.get("device", 0) / 2**20
-            host_mib = sum(v for k, v in kv.items() if k != "device") / 2**20
-            print(f"{tokens:>7}  {name:<36} {result['tok_s']:7.1f} {result['tok_s'] / base:6.2f} {device_mib:13.1f} "
-                  f"{host_mib:11.1f} {result['agreement']:6.1%} {result['ppl']:7.3f}", flush=True)
+            median = statistics.median(speeds[name])
+            device_mib = result["kv"].get("device", 0) / 2**20
+            host_mib = sum(v for k, v in result["kv"].items() if k != "device") / 2**20
+            table.add_row(str(tokens), name, f"{median:.2f} ({min(speeds[name]):.2f}-{max(speeds[name]):.2f})",
+                          f"{median / base:.2f}", f"{device_mib:.1f}", f"{host_mib:.1f}", f"{result['agreement']:.1%}",
+                          f"{result['ppl']:.3f}")
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

@@ -100,10 +100,8 @@ class Session:
                             page_tokens=page_tokens, sink_tokens=sink_tokens, window_tokens=window_tokens,
                             dense_layers=dense_layers, chunk_tokens=chunk_tokens, cache_salt=cache_salt)
         try:
-            if recorder is not None and recorder.block_tokens != store.config.block_tokens:
-                raise ValueError(
-                    f"the recorder counts blocks of {recorder.block_tokens} tokens, the store {store.config.block_tokens}"
-                )
+            if recorder is not None:
+                recorder.check_block_tokens(store.config.block_tokens)
             self.kv = KVManager(
                 store, f"s:{session_id}", cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                 mode=mode, budget_tokens=budget_tokens, importance=importance, prefetch=prefetch,

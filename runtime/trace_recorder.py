@@ -85,6 +85,11 @@ class TraceRecorder:
             self.requests += 1
         return line
 
+    def check_block_tokens(self, block_tokens: int) -> None:
+        """ValueError unless this recorder counts blocks of `block_tokens` tokens, as the store does."""
+        if block_tokens != self.block_tokens:
+            raise ValueError(f"the recorder counts blocks of {self.block_tokens} tokens, the store {block_tokens}")
+
     def now_s(self) -> float:
         """The recorder's clock now (what `record`'s arrival_s is measured on)."""
         return self._clock()

@@ -62,13 +62,14 @@ def _locate(placement: Placement, keys: list[BlockKey], touch: bool) -> tuple[li
     stored; ValueError when a block but the last is partial. A store reopened over its disk tier
     has no layout yet: the first block is promoted to set it, then the keys are located again."""
     tiers, slots, tokens = [], [], []
+    where, stats, slot_of = placement.where.get, placement.stats, placement.device_tier.slot_of
     for key in keys:
-        t = placement.where.get(key)
+        t = where(key)
         if t is None:
             raise KeyError(f"{key} is not stored")
         tiers.append(t)
-        tokens.append(placement.stats[t][key].tokens)
-        slots.append(placement.device_tier.slot_of(key)[0] if t == DEVICE else -1)
+        tokens.append(stats[t][key].tokens)
+        slots.append(slot_of(key)[0] if t == DEVICE else -1)
     if placement.layout is None:
         placement.promote(keys[0], tiers[0])
         return _locate(placement, keys, touch)
@@ -133,7 +134,13 @@ def _gather(
     out_keys = torch.empty(shape, dtype=layout.dtype, device=target)
     out_values = torch.empty(shape, dtype=layout.dtype, device=target)
     on_device = [i for i, t in enumerate(tiers) if t == DEVICE]
-    if on_device:
+    runs = _slot_runs(on_device, slots)
+    if len(runs) <= VIEW_RUNS:  # a copy per run of consecutive slots, straight into its place
+        for run in runs:
+            first, last = slots[run[0]], slots[run[-1]] + 1
+            out_keys[:, run[0] : run[-1] + 1].copy_(device.keys_pool[:, first:last])
+            out_values[:, run[0] : run[-1] + 1].copy_(device.values_pool[:, first:last])
+    else:
         positions = torch.tensor(on_device, device=target)
         chosen = torch.tensor([slots[i] for i in on_device], device=target)
         out_keys.index_copy_(1, positions, device.keys_pool.index_select(1, chosen))
@@ -141,12 +148,7 @@ def _gather(
     for t in sorted(set(tiers) - {DEVICE}):  # each lower tier's blocks decoded in one batch, in place
         start_s = time.perf_counter()
         rows = [i for i, tier in enumerate(tiers) if tier == t]
-        items = _items(placement, t, [keys[i] for i in rows])
-        placement.codecs[t].decode_many_into(
-            items,
-            [out_keys[:, i, : item.shape[1]] for i, item in zip(rows, items)],
-            [out_values[:, i, : item.shape[1]] for i, item in zip(rows, items)],
-        )
+        placement.codecs[t].decode_rows_into(_items(placement, t, [keys[i] for i in rows]), out_keys, out_values, rows)
         placement.counters[t].read_s += time.perf_counter() - start_s
     return out_keys.view(heads, -1, dim)[:, :total], out_values.view(heads, -1, dim)[:, :total]
 
@@ -207,6 +209,18 @@ def _items(placement: Placement, t: int, keys: list[BlockKey]) -> list[Encoded]:
     return items
 
 
+def _slot_runs(rows: list[int], slots: list[int], full=lambda i: True) -> list[list[int]]:
+    """`rows` (indices into a sequence, ascending) split into runs of consecutive indices held in
+    consecutive device slots; a block that is not `full` ends its run."""
+    runs: list[list[int]] = []
+    for i in rows:
+        if runs and i == runs[-1][-1] + 1 and slots[i] == slots[runs[-1][-1]] + 1 and full(runs[-1][-1]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 def _device_parts(placement: Placement, rows: list[int], slots: list[int], kept: list[int]) -> list[DenseRun]:
     """Device blocks `rows` (indices into the sequence): a view of the pool per run of blocks in
     consecutive slots, or one gathered copy when there are more than VIEW_RUNS runs."""
@@ -214,13 +228,7 @@ def _device_parts(placement: Placement, rows: list[int], slots: list[int], kept:
         return []
     layout, device = placement.layout, placement.device_tier
     heads, dim, full = layout.kv_heads, layout.head_dim, layout.block_tokens
-    runs = [[rows[0]]]
-    for i in rows[1:]:
-        last = runs[-1][-1]
-        if i == last + 1 and slots[i] == slots[last] + 1 and kept[last] == full:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
+    runs = _slot_runs(rows, slots, lambda i: kept[i] == full)
     if len(runs) <= VIEW_RUNS:
         parts = []
         for run in runs:
@@ -244,11 +252,7 @@ def _decoded_part(placement: Placement, codec: Codec, items: list[Encoded], rows
     # out keys, values: [kv_heads, blocks, block_tokens, head_dim]
     out_keys = torch.zeros(shape, dtype=layout.dtype, device=placement.device)
     out_values = torch.zeros(shape, dtype=layout.dtype, device=placement.device)
-    codec.decode_many_into(
-        items,
-        [out_keys[:, j, : item.shape[1]] for j, item in enumerate(items)],
-        [out_values[:, j, : item.shape[1]] for j, item in enumerate(items)],
-    )
+    codec.decode_rows_into(items, out_keys, out_values, range(len(items)))
     flat = (layout.kv_heads, -1, layout.head_dim)
     return _cut(out_keys.view(flat), out_values.view(flat), rows, kept, full, placement.device)
 

@@ -47,6 +47,7 @@ from .. import saved as saved_sessions
 from ..actors import start_ray
 from ..saved import check_session_id
 from ..step_loop import DEFAULT_MAX_SEQUENCES, DEFAULT_STEP_TOKENS
+from ..trace_recorder import TraceRecorder
 from .handle import ClusterSession
 from .replica import SessionReplica
 from .router import SessionRouter
@@ -110,6 +111,8 @@ class Cluster:
                        whose replica dies is rebuilt from it (and its token log) on another
     address            None: a new embedded local Ray instance (or RAY_ADDRESS); see start_ray
     num_cpus           CPUs of a new local Ray instance (None: the machine's)
+    recorder           a runtime.trace_recorder.TraceRecorder every session records its turns to
+                       (ClusterSession), unless open() is given another
     workers, routing, cpus_per_worker, step_tokens, max_sequences, call_timeout_s,
     failover_timeout_s: FILE_OPTIONS, which a YAML file and the environment may set too (options())
     """
@@ -131,6 +134,7 @@ class Cluster:
         max_sequences: Positive = DEFAULT_MAX_SEQUENCES,
         call_timeout_s: PositiveNumber = 300.0,
         failover_timeout_s: PositiveNumber = 120.0,
+        recorder: TraceRecorder | None = None,
     ) -> None:
         batching = {"step_tokens": step_tokens, "max_sequences": max_sequences}
         self.table = RoutingTable(routing_policy(routing, shared=shared_dir is not None))  # validates the name
@@ -145,6 +149,9 @@ class Cluster:
             store_config = dataclasses.replace(store_config, shared_dir=str(Path(shared_dir).resolve()))
         self.shared_dir = store_config.shared_dir
         self.block_tokens = store_config.block_tokens
+        if recorder is not None:
+            recorder.check_block_tokens(self.block_tokens)
+        self.recorder = recorder
         self._table_key = f"tiered-{uuid.uuid4().hex[:12]}"
         self.app_name = self._table_key
         TABLES[self._table_key] = self.table
@@ -169,14 +176,19 @@ class Cluster:
 
     # -- sessions -------------------------------------------------------------------------------
 
-    def open(self, session_id: str | None = None, **session_options) -> ClusterSession:
+    @checked
+    def open(self, session_id: str | None = None, *, recorder: TraceRecorder | None = None,
+             **session_options) -> ClusterSession:
         """A new session (options as runtime.Session takes them); it is placed on a replica at
-        its first call, by the longest cached prefix of its first tokens."""
+        its first call, by the longest cached prefix of its first tokens. `recorder`: where its
+        turns are recorded (default: the cluster's recorder, if any)."""
         self._check_open()
         session_id = check_session_id(session_id or uuid.uuid4().hex)
         if self.table.home_of(session_id) is not None:
             raise ValueError(f"session {session_id!r} is already open on this cluster")
-        return ClusterSession(self, session_id, session_options)
+        if recorder is not None:
+            recorder.check_block_tokens(self.block_tokens)
+        return ClusterSession(self, session_id, session_options, recorder or self.recorder)
 
     def resume(self, session_id: str) -> ClusterSession:
         """A handle on the session saved (ClusterSession.save) in the shared directory; it is placed
@@ -187,7 +199,7 @@ class Cluster:
         record = saved_sessions.read(self.shared_dir, session_id)
         if record.fingerprint != self.fingerprint or record.block_tokens != self.block_tokens:
             raise ValueError(f"saved session {session_id!r} was made with another model or block size")
-        session = ClusterSession(self, session_id, record.options)
+        session = ClusterSession(self, session_id, record.options, self.recorder)
         session.tokens = list(record.tokens)
         return session
 

@@ -4,6 +4,12 @@ The handle keeps the session's token log (every token it sent or received), so w
 hosting the session dies, or no longer hosts it, the next call places the session again (the
 router picks a live replica) and the replica rebuilds it from the log: blocks its store holds are
 reused, the rest recomputed. Greedy generation continues as it would have without the failure.
+
+With a recorder (runtime.trace_recorder.TraceRecorder), each turn (an extend, then the stream or
+generate after it) becomes one request line, as runtime.Session records it: stamped when the
+extend began, the stores' block digests as hash_ids, the session and the replica that served it,
+and ttft_s from the extend's start to the first streamed token (as a client sees it; the
+extend's own seconds when no token followed).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from tiered.content import chain_hashes, chain_root
 from .replica import SessionMissing
 
 if TYPE_CHECKING:
+    from ..trace_recorder import TraceRecorder
     from .cluster import Cluster
 
 FAILOVER_ERRORS = (RayActorError, ActorUnavailableError, SessionMissing)
@@ -29,7 +36,8 @@ RETRY_PAUSE_S = 0.2
 class ClusterSession:
     """A handle on session `session_id` of `cluster`; open it with Cluster.open."""
 
-    def __init__(self, cluster: Cluster, session_id: str, options: dict) -> None:
+    def __init__(self, cluster: Cluster, session_id: str, options: dict,
+                 recorder: TraceRecorder | None = None) -> None:
         self.cluster = cluster
         self.session_id = session_id
         self.options = dict(options)
@@ -38,6 +46,8 @@ class ClusterSession:
         self._root = chain_root(cluster.fingerprint, cluster.block_tokens, self.options.get("cache_salt", ""))
         self._placed = False
         self._closed = False
+        self._recorder = recorder
+        self._turn: dict | None = None  # the turn being recorded: its line's fields but the output
 
     @property
     def block_hashes(self) -> list[str]:
@@ -48,6 +58,15 @@ class ClusterSession:
         """Feed tokens; returns how many tokens the session holds."""
         ids = _check_ids(token_ids)
         self._check_open()
+        self._end_turn(0)
+        arrival_s = self._recorder.now_s() if self._recorder is not None else 0.0
+        held = self._extend(ids)
+        if self._recorder is not None:
+            self._turn = {"token_ids": list(self.tokens), "arrival_s": arrival_s,
+                          "ttft_s": self._recorder.now_s() - arrival_s, "streamed": False}
+        return held
+
+    def _extend(self, ids: list[int]) -> int:
         if not self._placed:
             self._place(self.tokens + ids)
             self.tokens += ids
@@ -77,17 +96,22 @@ class ClusterSession:
             self._place(self.tokens)
         produced = 0
         deadline_s = time.monotonic() + self.cluster.failover_timeout_s
-        while True:
-            try:
-                for token in self.cluster.stream(self.session_id, max_new_tokens - produced, temperature, seed, top_p):
-                    self.tokens.append(token)
-                    produced += 1
-                    yield token
-                return
-            except FAILOVER_ERRORS:
-                if time.monotonic() > deadline_s:
-                    raise
-                self._failover(self.tokens)
+        try:
+            while True:
+                try:
+                    for token in self.cluster.stream(self.session_id, max_new_tokens - produced, temperature, seed,
+                                                     top_p):
+                        self.tokens.append(token)
+                        produced += 1
+                        self._first_token()
+                        yield token
+                    return
+                except FAILOVER_ERRORS:
+                    if time.monotonic() > deadline_s:
+                        raise
+                    self._failover(self.tokens)
+        finally:
+            self._end_turn(produced)
 
     def generate(self, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
                  top_p: float = 1.0) -> list[int]:
@@ -113,6 +137,7 @@ class ClusterSession:
         if self._closed:
             return
         self._closed = True
+        self._end_turn(0)
         if self._placed:
             try:
                 self.cluster.call("close", self.session_id)
@@ -156,6 +181,23 @@ class ClusterSession:
         """Place the session again, on a live replica, after its replica was lost."""
         self._place(tokens)
         self.failovers += 1
+
+    def _first_token(self) -> None:
+        turn = self._turn
+        if turn is not None and not turn["streamed"]:
+            turn["streamed"] = True
+            turn["ttft_s"] = self._recorder.now_s() - turn["arrival_s"]
+
+    def _end_turn(self, output_tokens: int) -> None:
+        """Write the turn being recorded, with the tokens generated after its extend."""
+        turn, self._turn = self._turn, None
+        if turn is None:
+            return
+        tokens = turn.pop("token_ids")
+        del turn["streamed"]
+        digests = chain_hashes(self._root, tokens, self.cluster.block_tokens)
+        self._recorder.record(tokens, output_tokens, block_digests=digests, session=self.session_id,
+                              replica=self.replica_id, **turn)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -72,16 +72,22 @@ class RoutingTable:
     def route(self, session_id: str | None, candidates: Sequence[str], block_hashes: Sequence[str] = (),
               place: bool = False) -> str:
         """The candidate a call of `session_id` goes to: its live home unless `place` (a new
-        placement) is asked for, else the policy's choice. ValueError without candidates."""
+        placement) is asked for, else the policy's choice. A placement makes the choice the
+        session's home at once, so placements routed before the first of them reaches its replica
+        see its load. ValueError without candidates."""
         if not candidates:
             raise ValueError("no replica to route to")
         with self._lock:
             home = self._homes.get(session_id) if session_id is not None else None
             if home in candidates and not place:
                 return home
-            loads = [sum(1 for h in self._homes.values() if h == r) for r in candidates]
+            # sessions each candidate hosts; a session placed again no longer counts where it was
+            loads = [sum(1 for s, h in self._homes.items() if h == r and s != session_id) for r in candidates]
             prefix = [self._prefix_blocks(r, block_hashes) for r in candidates] if self.policy.uses_prefix else None
-            return candidates[self.policy.choose(loads, prefix)]
+            chosen = candidates[self.policy.choose(loads, prefix)]
+            if place and session_id is not None:
+                self._homes[session_id] = chosen
+            return chosen
 
     def prefix_blocks(self, replica_id: str, block_hashes: Sequence[str]) -> int:
         """How many leading blocks of `block_hashes` were routed to `replica_id`."""

@@ -40,3 +40,14 @@ def test_bad_files_and_values_are_refused_with_the_option_named(tmp_path):
         with pytest.raises(error, match=words):
             Cluster(model="smollm2-135m", **Cluster.options(None, env))
     assert not ray.is_initialized()  # refused before Ray was started
+
+
+def test_a_recorder_is_checked_before_ray_starts(tmp_path):
+    from runtime.trace_recorder import TraceRecorder
+
+    with TraceRecorder(tmp_path / "trace.jsonl", block_tokens=16) as recorder, \
+            pytest.raises(ValueError, match="recorder counts blocks of 16 tokens, the store 64"):
+        Cluster(model="smollm2-135m", store_config=StoreConfig(device="cpu", block_tokens=64), recorder=recorder)
+    with pytest.raises(TypeError, match="Cluster: recorder"):
+        Cluster(model="smollm2-135m", recorder=str(tmp_path / "trace.jsonl"))
+    assert not ray.is_initialized()

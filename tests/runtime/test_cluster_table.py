@@ -31,6 +31,21 @@ def test_a_new_session_goes_to_the_longest_cached_prefix():
     assert table.prefix_blocks("b", DOC) == 8 and table.prefix_blocks("a", DOC) == 1
 
 
+def test_placements_routed_at_once_see_each_others_load():
+    """Serve routes concurrent calls before the first reaches its replica (on_request_routed):
+    each placement counts as its replica's load from the moment it is routed."""
+    from runtime.cluster.cluster import routing_policy
+
+    table = RoutingTable(routing_policy("prefix-affinity", shared=True))
+    table.set_replicas(["a", "b"])
+    table.record("reader", "a", DOC)  # "a" holds the document
+    table.forget("reader")
+    placed = [table.route(f"s{k}", ["a", "b"], DOC, place=True) for k in range(8)]  # no record in between
+    assert placed.count("a") == placed.count("b") == 4
+    assert table.home_of("s0") == placed[0]
+    assert table.route("s0", ["a", "b"], DOC, place=True) == placed[0]  # placed again: its own load is not counted
+
+
 def test_under_overload_affinity_gives_way():
     table = RoutingTable()
     table.set_replicas(["a", "b"])

@@ -101,6 +101,48 @@ def test_cpu_kernels_take_strided_views_and_large_batches():
     assert (out_pool[:, slots] == 0).all()
 
 
+@pytest.mark.parametrize("name", ["int8", "int4", "int2", "fp8", "raw", "fp16"])
+def test_decoding_into_block_slots_equals_decoding_each_block(name):
+    """decode_rows_into (the gather of a decode step) writes block i into slot rows[i] exactly as
+    decode_into writes it, a partial block into its slot's first tokens, and nothing else."""
+    codec = make_codec(name)
+    full = [KVBlock(special_values((3, 64, 64), torch.float32, s), special_values((3, 64, 64), torch.float32, s + 50))
+            for s in range(6)]
+    partial = KVBlock(full[0].keys[:, :13].clone(), full[0].values[:, :13].clone())
+    encoded = codec.encode_many([*full, partial])
+    rows = [5, 0, 7, 2, 3, 6, 1]  # out of order; slot 4 is left alone
+    keys_out = torch.full((3, 8, 64, 64), 7.0)  # [kv_heads, slots, block_tokens, head_dim]
+    values_out = torch.full((3, 8, 64, 64), 7.0)
+    codec.decode_rows_into(encoded, keys_out, values_out, rows)
+    for item, row in zip(encoded, rows):
+        want = codec.decode(item, "cpu")
+        tokens = item.shape[1]
+        assert torch.equal(keys_out[:, row, :tokens], want.keys) and torch.equal(values_out[:, row, :tokens], want.values)
+        assert (keys_out[:, row, tokens:] == 7.0).all()
+    assert (keys_out[:, 4] == 7.0).all() and (values_out[:, 4] == 7.0).all()
+
+
+def test_decoding_into_block_slots_refuses_what_does_not_fit():
+    codec = make_codec("int8")
+    encoded = codec.encode_many([KVBlock(torch.randn(3, 64, 64), torch.randn(3, 64, 64)) for _ in range(2)])
+    out = torch.zeros(3, 4, 64, 64)
+    for rows, words in (([0, 0], "distinct"), ([0, 4], r"in \[0, 4\)"), ([1], "2 payloads for 1 rows")):
+        with pytest.raises(ValueError, match=words):
+            codec.decode_rows_into(encoded, out, out.clone(), rows)
+    with pytest.raises(ValueError, match="does not fit a slot"):
+        codec.decode_rows_into(encoded, torch.zeros(3, 4, 32, 64), torch.zeros(3, 4, 32, 64), [0, 1])
+    with pytest.raises(ValueError, match="does not fit a slot"):
+        codec.decode_rows_into(encoded, out.half(), out.half(), [0, 1])
+    with pytest.raises(ValueError, match="written by codec"):
+        make_codec("int4").decode_rows_into(encoded, out, out.clone(), [0, 1])
+    damaged = encoded[1].payload.clone()
+    layout = codec.fmt.layout(3, 64, 64)
+    reference.param_views(damaged, layout, "key")[1].fill_(float("nan"))  # a scale no encoder writes
+    corrupt = type(encoded[1])(encoded[1].codec, encoded[1].dtype, encoded[1].shape, damaged)
+    with pytest.raises(ValueError, match="payload 1 of this batch"):
+        codec.decode_rows_into([encoded[0], corrupt], out, out.clone(), [0, 1])
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_packing_round_trips_every_code_value(bits):
     levels = 1 << bits

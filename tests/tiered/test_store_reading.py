@@ -79,6 +79,30 @@ def test_reading_gathers_blocks_from_every_tier_without_moving_them():
         assert store.stats()["tiers"]["host"]["hits"] == 3
 
 
+@pytest.mark.parametrize("host_codec", ["raw", "int8"])
+def test_reading_joins_device_runs_and_scattered_device_blocks_with_host_blocks(host_codec):
+    """A few runs of consecutive device slots are copied run by run, more than VIEW_RUNS runs are
+    gathered at once; either way each block's tokens land where a read of it alone puts them."""
+    with TieredStore(config(device_blocks=6, host_blocks=16, host_codec=host_codec)) as store:
+        keys = [BlockKey("s", 0, i) for i in range(12)]
+        store.put_many((k, block(seed=i)) for i, k in enumerate(keys))
+        device = [k for k in keys if store.where(k) == "device"]
+        host = [k for k in keys if store.where(k) == "host"]
+        assert len(device) == 6 and len(host) == 6
+        alone = {}
+        for k in keys:
+            with store.reading([k]) as (kk, vv):
+                alone[k] = (kk.clone(), vv.clone())
+        orders = {
+            "two runs": device[:3] + host[:3] + device[3:] + host[3:],
+            "six runs": [k for pair in zip(device, host) for k in pair],  # > VIEW_RUNS: one gather
+        }
+        for name, order in orders.items():
+            with store.reading(order) as (k, v):
+                assert torch.equal(k, torch.cat([alone[key][0] for key in order], dim=1)), name
+                assert torch.equal(v, torch.cat([alone[key][1] for key in order], dim=1)), name
+
+
 def test_reading_refuses_missing_keys_and_a_partial_block_before_the_last():
     with TieredStore(config(device_blocks=4)) as store:
         store.put(BlockKey("s", 0, 0), block(seed=0, tokens=2))

@@ -119,6 +119,20 @@ class Codec(ABC):
         """decode() of every payload, in order (overridden by codecs with batched kernels)."""
         return [self.decode(item, device) for item in encoded]
 
+    def decode_rows_into(
+        self, encoded: Sequence[Encoded], keys_out: torch.Tensor, values_out: torch.Tensor, rows: Sequence[int]
+    ) -> None:
+        """Decode payload i into block slot rows[i] of keys_out and values_out (each [kv_heads,
+        blocks, block_tokens, head_dim]; a block of fewer tokens fills the slot's first ones):
+        decode_many_into without a view per block (overridden by codecs whose kernels take the
+        slots' addresses)."""
+        check_rows(encoded, keys_out, values_out, rows)
+        self.decode_many_into(
+            encoded,
+            [keys_out[:, r, : item.shape[1]] for r, item in zip(rows, encoded)],
+            [values_out[:, r, : item.shape[1]] for r, item in zip(rows, encoded)],
+        )
+
     @abstractmethod
     def encoded_nbytes(self, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
         """Payload bytes of a block of this shape: the documented size formula."""
@@ -142,6 +156,26 @@ class Codec(ABC):
             raise ValueError(
                 f"{self.spec} payload of shape {shape} must be {expected} bytes, got {encoded.nbytes}"
             )
+
+
+def check_rows(encoded: Sequence[Encoded], keys_out: torch.Tensor, values_out: torch.Tensor,
+               rows: Sequence[int]) -> None:
+    """ValueError unless block slot rows[i] of keys_out and values_out ([kv_heads, blocks,
+    block_tokens, head_dim], one dtype and device) can hold encoded[i], and no slot is named twice."""
+    if len(encoded) != len(rows):
+        raise ValueError(f"got {len(encoded)} payloads for {len(rows)} rows")
+    if keys_out.dim() != 4 or keys_out.shape != values_out.shape or keys_out.dtype != values_out.dtype \
+            or keys_out.device != values_out.device:
+        raise ValueError(f"decode_rows_into needs two [kv_heads, blocks, block_tokens, head_dim] tensors of one "
+                         f"shape, dtype and device, got {tuple(keys_out.shape)} and {tuple(values_out.shape)}")
+    heads, blocks, tokens, dim = keys_out.shape
+    if len(set(rows)) != len(rows) or any(not 0 <= r < blocks for r in rows):
+        raise ValueError(f"rows must be distinct slots in [0, {blocks}), got {list(rows)}")
+    for item in encoded:
+        h, t, d = item.shape
+        if (h, d) != (heads, dim) or t > tokens or item.dtype != keys_out.dtype:
+            raise ValueError(f"a {item.dtype} block of shape {item.shape} does not fit a slot of "
+                             f"{keys_out.dtype} [{heads}, {tokens}, {dim}]")
 
 
 def check_outputs(encoded: Encoded, keys_out: torch.Tensor, values_out: torch.Tensor) -> None:

@@ -144,12 +144,8 @@ def _check(keys: list, values: list, payloads: list, shape: torch.Size, dtype: t
 
 def _run(function: str, fmt: QuantFormat, keys: list, values: list, payloads: list) -> int:
     """function(begin, end, ...) of the library over the batch, split over threads when it is large."""
-    global _pool
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are not available: {build_error()}")
     shape, dtype, n = keys[0].shape, keys[0].dtype, len(keys)
-    nbytes, shape_args = _shape_args(fmt, shape, dtype)
+    nbytes, _ = _shape_args(fmt, shape, dtype)
     _check(keys, values, payloads, shape, dtype, nbytes)
     # one int64 table: key, value and payload addresses [3][n], then strides [n][4] (key head,
     # key token, value head, value token)
@@ -157,11 +153,22 @@ def _run(function: str, fmt: QuantFormat, keys: list, values: list, payloads: li
         *[t.data_ptr() for t in keys], *[t.data_ptr() for t in values], *[p.data_ptr() for p in payloads],
         *[s for k, v in zip(keys, values) for s in (*k.stride()[:2], *v.stride()[:2])],
     )
+    return _call(function, fmt, shape, dtype, n, table)
+
+
+def _call(function: str, fmt: QuantFormat, shape, dtype: torch.dtype, n: int, table) -> int:
+    """function(begin, end, ...) of the library over n blocks of `shape` described by `table`
+    (as _run builds it), split over threads when the batch is large."""
+    global _pool
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are not available: {build_error()}")
+    _, shape_args = _shape_args(fmt, shape, dtype)
     base = ctypes.addressof(table)
     args = (base, base + 8 * n, base + 16 * n, base + 24 * n, *shape_args)
     call = getattr(lib, function)
     workers = min(n, torch.get_num_threads())
-    if workers <= 1 or 2 * n * keys[0].nbytes < PARALLEL_MIN_BYTES:
+    if workers <= 1 or 2 * n * shape.numel() * dtype.itemsize < PARALLEL_MIN_BYTES:
         return call(0, n, *args)
     with _pool_lock:
         if _pool is None:
@@ -187,7 +194,37 @@ def encode(fmt: QuantFormat, keys: list[torch.Tensor], values: list[torch.Tensor
 def decode(fmt: QuantFormat, payloads: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
     """Decode each payload into keys[i], values[i] (as encode takes them). ValueError if a
     payload's mins or scales are not finite (the outputs are then partly written)."""
-    result = _run("tiered_decode", fmt, keys, values, payloads)
+    _decoded(_run("tiered_decode", fmt, keys, values, payloads))
+
+
+def decode_rows(fmt: QuantFormat, payloads: list[torch.Tensor], keys_out: torch.Tensor, values_out: torch.Tensor,
+                rows: list[int], shape: tuple[int, int, int]) -> None:
+    """Decode payload i, a block of `shape` ([H, T, D]), into block slot rows[i] of keys_out and
+    values_out ([H, blocks, slot tokens >= T, D], channels contiguous): the slots' addresses come
+    from the outputs' strides, so no view is made per block. ValueError as decode()."""
+    shape = torch.Size(shape)
+    dtype, n = keys_out.dtype, len(rows)
+    nbytes, _ = _shape_args(fmt, shape, dtype)
+    heads, blocks, tokens, dim = keys_out.shape
+    for out in (keys_out, values_out):
+        if not out.is_cpu or out.dtype != dtype or out.shape != keys_out.shape or out.stride(-1) != 1:
+            raise ValueError(f"decode_rows takes two CPU {dtype} tensors of shape {tuple(keys_out.shape)} with "
+                             f"contiguous channels; got {out.device} {out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    if (heads, dim) != (shape[0], shape[2]) or shape[1] > tokens or any(not 0 <= r < blocks for r in rows):
+        raise ValueError(f"blocks of shape {tuple(shape)} do not fit slots {rows} of {tuple(keys_out.shape)}")
+    for p in payloads:
+        if not p.is_cpu or p.dtype != torch.uint8 or p.numel() != nbytes or not p.is_contiguous():
+            raise ValueError(f"each payload must be a contiguous CPU uint8 tensor of {nbytes} bytes")
+    (k_head, k_slot, k_token, _), (v_head, v_slot, v_token, _) = keys_out.stride(), values_out.stride()
+    k_base, v_base, size = keys_out.data_ptr(), values_out.data_ptr(), keys_out.element_size()
+    table = (ctypes.c_int64 * (7 * n))(
+        *[k_base + r * k_slot * size for r in rows], *[v_base + r * v_slot * size for r in rows],
+        *[p.data_ptr() for p in payloads], *([k_head, k_token, v_head, v_token] * n),
+    )
+    _decoded(_call("tiered_decode", fmt, shape, dtype, n, table))
+
+
+def _decoded(result: int) -> None:
     if result < 0:
         raise MemoryError("the CPU kernels could not allocate scratch memory")
     if result > 0:

@@ -20,12 +20,16 @@ import torch
 
 from ..block import KVBlock
 from . import attend_reference, cpu_kernels, reference, triton_kernels
-from .base import Codec, Encoded, check_outputs
+from .base import Codec, Encoded, check_outputs, check_rows
 from .layout import QuantFormat
 
 
 def _channels_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _on_cpu(encoded: Encoded) -> Encoded:
+    return encoded if encoded.payload.is_cpu else encoded.to("cpu")
 
 
 def _batches(items: Sequence, key) -> list[list[int]]:
@@ -121,6 +125,28 @@ class QuantizedCodec(Codec):
             device = keys_outs[index[0]].device
             payloads = [encoded[i].to(device).payload for i in index]
             self._decode_batch(payloads, [keys_outs[i] for i in index], [values_outs[i] for i in index])
+
+    def decode_rows_into(
+        self, encoded: Sequence[Encoded], keys_out: torch.Tensor, values_out: torch.Tensor, rows: Sequence[int]
+    ) -> None:
+        """As Codec.decode_rows_into; on the CPU, one kernel call per shape with the slots'
+        addresses taken from the outputs' strides (the gather of a decode step: no view, no check
+        per block beyond its size)."""
+        if keys_out.device.type != "cpu" or not cpu_kernels.available() or keys_out.stride(-1) != 1 \
+                or values_out.stride(-1) != 1:
+            return super().decode_rows_into(encoded, keys_out, values_out, rows)
+        spec, batches = self.spec, {}
+        for i, item in enumerate(encoded):
+            if not isinstance(item, Encoded) or item.codec != spec:
+                Codec.check(self, item)  # raises, naming what is wrong
+            batches.setdefault((item.shape, item.dtype), []).append(i)
+        for index in batches.values():
+            Codec.check(self, encoded[index[0]])  # shape, dtype and size formula: once per batch
+        check_rows(encoded, keys_out, values_out, rows)
+        for index in batches.values():  # the kernel checks each payload's size
+            payloads = [_on_cpu(encoded[i]).payload for i in index]
+            cpu_kernels.decode_rows(self.fmt, payloads, keys_out, values_out, [rows[i] for i in index],
+                                    encoded[index[0]].shape)
 
     def decode_many(self, encoded: Sequence[Encoded], device: torch.device | str) -> list[KVBlock]:
         """Every payload decoded on `device`, in order. ValueError (nothing decoded) if one is not
