@@ -40,6 +40,7 @@ from pathlib import Path
 import ray
 from rich.console import Console
 from rich.table import Table
+from spread import spread
 
 from runtime import Cluster
 from runtime.actors import start_ray
@@ -194,12 +195,6 @@ def main() -> None:
     console.print(ratios)
     console.print("bound by this machine's CPUs: replicas share its cores; TTFT includes queueing behind other sessions")
     ray.shutdown()
-
-
-def spread(values: list[float], form: str = "{:.2f}") -> str:
-    """The median of `values`, with their range when there are several."""
-    median = form.format(statistics.median(values))
-    return median if len(values) == 1 else f"{median} ({form.format(min(values))}-{form.format(max(values))})"
 
 
 if __name__ == "__main__":

@@ -34,11 +34,16 @@ import time
 from pathlib import Path
 
 import torch
+from spread import spread
 
 from runtime import Session, load_model
 from tiered import StoreConfig
 
 ANSWER_TOKENS = 1
+
+
+def seconds(values: list[float]) -> str:
+    return f"{spread(values, '{:.3f}')} s"
 
 
 def conversation(model, tokens: int) -> list[int]:
@@ -102,10 +107,6 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} s ({min(values):.3f}-{max(values):.3f})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
@@ -139,10 +140,11 @@ def main() -> None:
             assert set(result["tokens"]) == {expected}, f"the resumed first token differs: {result['tokens']} vs {expected}"
             if n == 0:
                 baseline = result["baseline_s"]
-                print(f"re-prefill to first token (fresh process): {spread(baseline)}")
+                print(f"re-prefill to first token (fresh process): {seconds(baseline)}")
             resume = result["resume_s"]
             per_token = statistics.median(result["rchar"]) / len(ids)
-            print(f"resume, disk codec {codec:>5}: {spread(resume)}; {statistics.median(baseline) / statistics.median(resume):.1f}x "
+            faster = statistics.median(baseline) / statistics.median(resume)
+            print(f"resume, disk codec {codec:>5}: {seconds(resume)}; {faster:.1f}x "
                   f"faster; page cache dropped: {all(result['dropped'])}; read {per_token / 1024:.1f} KiB per token = "
                   f"{per_token / fp16_bytes_per_token:.2f}x its fp16 KV")
         cold_s, warm_s = [], []
@@ -156,7 +158,7 @@ def main() -> None:
                     elapsed, _ = first_token_s(warm, other)
                     warm_s.append(elapsed)
                     assert warm.stats()["reused_tokens"] >= len(ids) - 128
-        print(f"cold prompt to first token: {spread(cold_s)}; same prefix but 64 tokens: {spread(warm_s)}; "
+        print(f"cold prompt to first token: {seconds(cold_s)}; same prefix but 64 tokens: {seconds(warm_s)}; "
               f"{statistics.median(cold_s) / statistics.median(warm_s):.1f}x faster")
 
 

@@ -8,16 +8,21 @@ the store does) between buffers of the same sizes, so the ratio is the store's s
 memory system allows.
 
     python benchmarks/bench_store.py            # full run
-    python benchmarks/bench_store.py --quick    # fewer blocks, fewer repeats
+    python benchmarks/bench_store.py --quick    # fewer blocks, fewer runs
+    python benchmarks/bench_store.py --host-codec int8   # spills quantized (a batch put spills in one kernel call)
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
+from rich.console import Console
+from rich.table import Table
+from spread import spread
 
 from tiered import BlockKey, KVBlock, StoreConfig, TieredStore
 
@@ -36,7 +41,7 @@ def make_blocks(count: int, kv_heads: int, head_dim: int) -> list[KVBlock]:
     ]
 
 
-def time_store(blocks: list[KVBlock], batch: int) -> tuple[float, float]:
+def time_store(blocks: list[KVBlock], batch: int, host_codec: str = "raw") -> tuple[float, float]:
     """Seconds for putting every block, then getting every block back (each spills one).
 
     A first, untimed round maps the pools' memory, as a long-running store has it; the second
@@ -45,7 +50,7 @@ def time_store(blocks: list[KVBlock], batch: int) -> tuple[float, float]:
     block_bytes = blocks[0].nbytes
     config = StoreConfig(
         device="cpu", device_bytes=DEVICE_BLOCKS * block_bytes, host_bytes=(len(blocks) + 1) * block_bytes,
-        block_tokens=BLOCK_TOKENS,
+        block_tokens=BLOCK_TOKENS, host_codec=host_codec,
     )
     with TieredStore(config) as store:
         for round_ in range(2):
@@ -82,33 +87,35 @@ def time_copies(blocks: list[KVBlock]) -> float:
     return time.perf_counter() - start
 
 
-def best(fn, repeats: int):
-    return min((fn() for _ in range(repeats)), key=lambda r: r if isinstance(r, float) else sum(r))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mib", type=int, default=96, help="working set of blocks, MiB")
+    parser.add_argument("--host-codec", default="raw", help="the host tier's codec (raw: the copies the baseline makes)")
+    parser.add_argument("--runs", type=int, default=5, help="runs of every row (median and range)")
     args = parser.parse_args()
-    repeats = 2 if args.quick else 5
+    runs = 2 if args.quick else args.runs
     mib = 24 if args.quick else args.mib
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    print(f"{'block':>14} {'KiB':>5} {'batch':>5} {'phase':>5} {'blocks/s':>10} {'GB/s':>7} {'copy_ GB/s':>10} {'ratio':>6}")
+    table = Table(
+        "block", "KiB", "batch", "put GB/s", "get GB/s", "copy_ GB/s", "put ratio", "get ratio",
+        title=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch "
+        f"{torch.__version__}, host codec {args.host_codec}: medians of {runs} runs (range)",
+    )
     for kv_heads, head_dim in SHAPES:
         blocks = make_blocks(max(4 * DEVICE_BLOCKS, (mib << 20) // (4 * kv_heads * BLOCK_TOKENS * head_dim)), kv_heads, head_dim)
-        moved = len(blocks) - DEVICE_BLOCKS
-        nbytes = blocks[0].nbytes
-        copy_s = best(lambda: time_copies(blocks), repeats)
-        copy_gbs = moved * nbytes / copy_s / 1e9
+        moved_bytes = (len(blocks) - DEVICE_BLOCKS) * blocks[0].nbytes
+        copy_gbs = [moved_bytes / time_copies(blocks) / 1e9 for _ in range(runs)]
         for batch in (1, 64):
-            put_s, get_s = best(lambda: time_store(blocks, batch), repeats)
-            for phase, seconds in (("put", put_s), ("get", get_s)):
-                gbs = moved * nbytes / seconds / 1e9
-                print(
-                    f"{kv_heads:>3}x{BLOCK_TOKENS}x{head_dim:<3} fp16 {nbytes >> 10:>5} {batch:>5} {phase:>5} "
-                    f"{moved / seconds:>10.0f} {gbs:>7.2f} {copy_gbs:>10.2f} {gbs / copy_gbs:>6.2f}"
-                )
+            timed = [time_store(blocks, batch, args.host_codec) for _ in range(runs)]
+            put_gbs = [moved_bytes / put_s / 1e9 for put_s, _ in timed]
+            get_gbs = [moved_bytes / get_s / 1e9 for _, get_s in timed]
+            copy = statistics.median(copy_gbs)
+            table.add_row(
+                f"{kv_heads}x{BLOCK_TOKENS}x{head_dim} fp16", str(blocks[0].nbytes >> 10), str(batch),
+                spread(put_gbs), spread(get_gbs), spread(copy_gbs),
+                f"{statistics.median(put_gbs) / copy:.2f}", f"{statistics.median(get_gbs) / copy:.2f}",
+            )
+    Console().print(table)
 
 
 if __name__ == "__main__":

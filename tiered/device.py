@@ -46,8 +46,9 @@ class DeviceTier(Tier):
             )
         return per_room
 
-    def allocate(self, layout: BlockLayout) -> None:
-        """Preallocate the slot pool for blocks of `layout`; once, before the first put."""
+    def allocate(self, layout: BlockLayout, item_bytes: int) -> None:
+        """Preallocate the slot pool for blocks of `layout` (a slot is `layout.block_nbytes`; the
+        contract's `item_bytes` says no more)."""
         if self.layout is not None:
             raise RuntimeError("the device tier's pool is already allocated")
         self.room_slots = self.slots_for(layout)
@@ -93,6 +94,8 @@ class DeviceTier(Tier):
         return self._views(*entry)
 
     def put(self, key: BlockKey, item: KVBlock) -> list[BlockKey]:
+        if not isinstance(item, KVBlock):
+            raise TypeError(f"the device tier stores KVBlocks, got {type(item).__name__}")
         view = self.reserve(key, item.tokens)
         non_blocking = self.device.type == "cuda" and item.keys.is_pinned()
         view.keys.copy_(item.keys, non_blocking=non_blocking)
@@ -138,6 +141,10 @@ class DeviceTier(Tier):
 
     def charge(self, item: KVBlock) -> int:
         return self.slot_bytes
+
+    def held(self, key: BlockKey) -> tuple[int, int] | None:
+        entry = self._slots.get(key)
+        return None if entry is None else (self.slot_bytes, entry[1])
 
     def keys(self) -> Iterator[BlockKey]:
         return iter(list(self._slots))

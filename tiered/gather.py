@@ -260,9 +260,12 @@ def _decoded_part(placement: Placement, codec: Codec, items: list[Encoded], rows
 def _cut(keys: torch.Tensor, values: torch.Tensor, rows: list[int], kept: list[int], full: int, device) -> DenseRun:
     """A run of whole block slots (keys, values: [kv_heads, len(rows) · full, head_dim]) with each
     block's unread tokens left out, and the positions of those kept."""
+    if all(kept[i] == full for i in rows[:-1]):  # only the last block is cut: a view of the first tokens
+        count = full * (len(rows) - 1) + kept[rows[-1]]
+        first = torch.tensor(rows, device=device)[:, None] * full  # [blocks, 1]
+        positions = (first + torch.arange(full, device=device)).view(-1)[:count]  # [tokens]
+        return DenseRun(keys[:, :count], values[:, :count], rows[0] * full, positions)
     index = torch.cat([torch.arange(j * full, j * full + kept[i]) for j, i in enumerate(rows)])  # [tokens]
     positions = torch.cat([torch.arange(i * full, i * full + kept[i]) for i in rows]).to(device)  # [tokens]
-    if index.numel() != keys.shape[1]:
-        index = index.to(device)
-        keys, values = keys.index_select(1, index), values.index_select(1, index)
-    return DenseRun(keys, values, rows[0] * full, positions)
+    index = index.to(device)
+    return DenseRun(keys.index_select(1, index), values.index_select(1, index), rows[0] * full, positions)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .block import BlockKey
+from .block import BlockKey, BlockLayout
 from .codecs import Encoded
 from .tier import Tier
 from .transfer import copy_into
@@ -35,8 +35,9 @@ class HostTier(Tier):
         self._free: list[torch.Tensor] = []  # free slots, each [slot_bytes] uint8
         self._items: dict[BlockKey, tuple[Encoded, torch.Tensor]] = {}  # key -> (encoded, its slot)
 
-    def allocate(self, slot_bytes: int) -> None:
-        """Size the pool's slots: the host codec's bytes for one full block. Once, before any put."""
+    def allocate(self, layout: BlockLayout, item_bytes: int) -> None:
+        """Size the pool's slots: `item_bytes`, the host codec's bytes for one full block."""
+        slot_bytes = item_bytes
         if self.slot_bytes:
             raise RuntimeError("the host tier's slots are already sized")
         if slot_bytes > self._capacity_bytes:
@@ -48,15 +49,18 @@ class HostTier(Tier):
     def slots(self) -> int:
         return self._max_slots
 
-    def landing_buffer(self, nbytes: int) -> torch.Tensor | None:
-        """The buffer the next put will fill, or None when there is no free slot.
-
-        A codec may encode straight into it; put then keeps the payload without copying.
-        """
-        if not self._free and not self._grow():
-            return None
-        slot = self._free[-1]
-        return slot if nbytes == self.slot_bytes else slot[:nbytes]
+    def landing_buffers(self, sizes: list[int]) -> list[torch.Tensor]:
+        """Free slots for the next puts, one per payload size (fewer when the pool has not that
+        many): the i-th is where the i-th next put lands. Slots are taken from the top of the free
+        stack and freed ones pushed on it, so a buffer whose put is still to come is never handed
+        to an earlier put: a put that lands elsewhere copies its payload from its buffer."""
+        while len(self._free) < len(sizes) and self._grow():
+            pass
+        free = self._free
+        count = min(len(sizes), len(free))
+        return [  # the top of the stack first
+            free[-1 - i] if sizes[i] == self.slot_bytes else free[-1 - i][: sizes[i]] for i in range(count)
+        ]
 
     def __contains__(self, key: BlockKey) -> bool:
         return key in self._items
@@ -67,13 +71,16 @@ class HostTier(Tier):
         return None if entry is None else entry[0].wait()
 
     def put(self, key: BlockKey, item: Encoded) -> list[BlockKey]:
+        if not isinstance(item, Encoded):
+            raise TypeError(f"the host tier stores Encoded blocks, got {type(item).__name__}")
         if key in self._items:
             raise KeyError(f"{key} is already in the host tier")
         if item.nbytes > self.slot_bytes:
             raise ValueError(f"a payload of {item.nbytes} bytes does not fit a {self.slot_bytes}-byte slot")
-        buffer = self.landing_buffer(item.nbytes)
-        if buffer is None:
+        landing = self.landing_buffers([item.nbytes])
+        if not landing:
             raise RuntimeError("host tier has no free slot; the store must make room first")
+        buffer = landing[0]
         ready = item.ready  # set when the codec encoded into the slot from a CUDA device
         if buffer.data_ptr() != item.payload.data_ptr():
             if item.payload.device.type == "cpu":

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
+from itertools import islice
 
 import torch
 
@@ -99,6 +100,14 @@ class Placement:
         self.prefetch_used = 0
         self.prefetch_wasted = 0
 
+    def track_kept(self) -> None:
+        """Track the blocks the lower tiers hold already: what a persistent tier kept from an earlier run."""
+        for t in range(1, len(self.tiers)):
+            for key in self.tiers[t].keys():
+                held = self.tiers[t].held(key)
+                if held is not None:
+                    self.track(key, t, held[0], tokens=held[1])
+
     @property
     def device_tier(self) -> DeviceTier:
         return self.tiers[DEVICE]
@@ -120,6 +129,35 @@ class Placement:
         self.track(key, DEVICE, self.device_tier.slot_bytes, step, tokens=block.tokens)
         self.counters[DEVICE].bytes_in += block.nbytes
 
+    def put_many(self, items: list[tuple[BlockKey, KVBlock]]) -> None:
+        """put() each (key, block) in order, with device room made for all of them first: their
+        victims leave together, one encode_many into the tier below (see demote_many)."""
+        if len(items) > 1:  # one put makes its own room
+            self.make_device_room([key for key, _ in items])
+        for key, block in items:
+            self.put(key, block)
+
+    def make_device_room(self, keys: list[BlockKey]) -> None:
+        """Demote, in one batch, the victims that slots for the `keys` not on the device need. Older
+        versions of `keys` in lower tiers go first (they are being replaced, and must not be chosen
+        to make room below). Takes what the policies offer and no more: a put that still finds no
+        room makes it one block at a time."""
+        device = self.device_tier
+        arriving: dict[int, list[BlockKey]] = {}  # room -> its keys that need a slot
+        for key in dict.fromkeys(keys):
+            t = self.where.get(key)
+            if t == DEVICE:
+                continue
+            if t is not None:
+                self.remove(key)
+            arriving.setdefault(device.room_of(key), []).append(key)
+        protected, victims = set(keys), []
+        for room, room_keys in arriving.items():
+            short = len(room_keys) - device.free_bytes_for(room_keys[0]) // device.slot_bytes
+            if short > 0:
+                victims += islice(self._candidates(DEVICE, room, protected), short)
+        self.demote_many(victims, DEVICE)
+
     def layout_for(self, blocks: list[KVBlock]) -> BlockLayout | None:
         """The store's layout, or the one `blocks` set; raise if any block does not fit it."""
         layout = self.layout
@@ -132,21 +170,27 @@ class Placement:
         return layout
 
     def allocate(self, layout: BlockLayout) -> None:
-        """Size the device and host pools for blocks of `layout` (once: the layout never changes)."""
-        self.device_tier.allocate(layout)
-        shape = (layout.kv_heads, layout.block_tokens, layout.head_dim)
-        self.tiers[1].allocate(self.codecs[1].encoded_nbytes(*shape, layout.dtype))
+        """Size every tier for blocks of `layout` (once: the layout never changes)."""
+        for t, tier in enumerate(self.tiers):
+            tier.allocate(layout, self.item_bytes(t, layout))
+
+    def item_bytes(self, t: int, layout: BlockLayout) -> int:
+        """Bytes of a full block of `layout` as tier t stores it: its codec's payload (the block
+        itself on the device)."""
+        codec = self.codecs[t]
+        if codec is None:
+            return layout.block_nbytes
+        return codec.encoded_nbytes(layout.kv_heads, layout.block_tokens, layout.head_dim, layout.dtype)
 
     def check_fits_tiers(self, layout: BlockLayout) -> None:
         """ValueError unless a full block of `layout` fits every tier."""
         self.device_tier.slots_for(layout)
-        shape = (layout.kv_heads, layout.block_tokens, layout.head_dim)
         for t in range(1, len(self.tiers)):
-            nbytes = self.codecs[t].encoded_nbytes(*shape, layout.dtype)
-            if nbytes > self.tiers[t].capacity_bytes:
+            nbytes, tier = self.item_bytes(t, layout), self.tiers[t]
+            if nbytes > tier.capacity_bytes:
                 raise ValueError(
                     f"a block of {nbytes} bytes ({self.codecs[t].spec}) is larger than the "
-                    f"{self.tiers[t].name} tier's capacity of {self.tiers[t].capacity_bytes} bytes"
+                    f"{tier.name} tier's capacity of {tier.capacity_bytes} bytes"
                 )
 
     def tick(self) -> int:
@@ -159,6 +203,33 @@ class Placement:
         stats.hits += hit
         stats.last_access_step = step
         self.policies[t].on_update(key, stats)
+
+    def set_score(self, key: BlockKey, t: int, score: float) -> None:
+        """Set the importance score tier t's eviction policy sees for `key`."""
+        stats = self.stats[t][key]
+        stats.score = score
+        self.policies[t].on_update(key, stats)
+
+    def write_tokens(self, key: BlockKey, offset: int, block: KVBlock, step: int) -> None:
+        """Write `block`'s tokens at `offset` of `key`'s block on the device (bounds checked by the
+        caller), which then holds max(its tokens, offset + block.tokens); a write at `step`."""
+        self.device_tier.write_tokens(key, offset, block.keys, block.values)
+        stats = self.stats[DEVICE][key]
+        stats.tokens = max(stats.tokens, offset + block.tokens)
+        self.touch(key, DEVICE, step, hit=False)
+        self.counters[DEVICE].bytes_in += block.nbytes
+
+    def move_refs(self, old: BlockKey, new: BlockKey) -> None:
+        """The sessions reading `old` read `new` now (a sealed block's references follow it)."""
+        refs = self.refs.pop(old, 0)
+        if refs:
+            self.refs[new] += refs
+
+    def note_prefetched(self, key: BlockKey, t: int) -> None:
+        """Count `key`, just promoted from tier t by a prefetch, until it is read or leaves unread."""
+        self.counters[t].prefetched += 1
+        self.moved_unread.add(key)
+        self.touch(key, DEVICE, self.tick(), hit=False)
 
     def note_read(self, keys: Iterable[BlockKey]) -> None:
         """Count reads of prefetched blocks (for prefetch precision); `keys` are on the device."""
@@ -241,23 +312,47 @@ class Placement:
         """The policy's first candidate in `room`. Out of the bottom tier (out of the store), among
         the next VICTIM_SCAN: the first that no session reads, else the first that no session is
         computing with (pinned), else the policy's first."""
-        tier, bottom, scanned = self.tiers[t], t == len(self.tiers) - 1, 0
+        candidates = self._candidates(t, room, protected, leaving)
+        if t < len(self.tiers) - 1:
+            return next(candidates, None)
         fallback: list[BlockKey | None] = [None, None]  # first referenced, first pinned
-        reading = self.reading
-        for key in self.policies[t].candidates():
-            if key == leaving or key in protected or tier.room_of(key) != room or key in reading:
-                continue
-            if not bottom or not self.refs[key]:
+        for key in islice(candidates, VICTIM_SCAN):
+            if not self.refs[key]:
                 return key
             rank = 1 if self.pinned[key] else 0  # a session computing with it: the last to leave
             fallback[rank] = key if fallback[rank] is None else fallback[rank]
-            scanned += 1
-            if scanned == VICTIM_SCAN:
-                break
         return fallback[0] if fallback[0] is not None else fallback[1]
 
-    def demote(self, key: BlockKey, t: int, leaving: BlockKey | None = None) -> None:
+    def _candidates(
+        self, t: int, room: int, protected: Collection[BlockKey], leaving: BlockKey | None = None
+    ) -> Iterator[BlockKey]:
+        """Tier t's eviction candidates in `room`, in the policy's order, without `leaving`,
+        `protected` keys and blocks under read. Draw from it before demoting any (a demotion
+        changes what the policy offers)."""
+        tier, reading = self.tiers[t], self.reading
+        for key in self.policies[t].candidates():
+            if key != leaving and key not in protected and key not in reading and tier.room_of(key) == room:
+                yield key
+
+    def demote_many(self, keys: list[BlockKey], t: int) -> None:
+        """demote() each of `keys` from tier t, encoding together the blocks that need encoding."""
+        below = t + 1
+        encoded: dict[BlockKey, Encoded] = {}
+        if below < len(self.tiers):
+            batch = [key for key in keys if not (below == self.persistent and key in self.persisted)]
+            items = [self.tiers[t].get(key) for key in batch]
+            if len(batch) > 1 and all(isinstance(item, KVBlock) for item in items):
+                codec, landing = self.codecs[below], self.landing_buffers(below, items)
+                landed = codec.encode_many_into(items[: len(landing)], landing) if landing else []
+                encoded = dict(zip(batch, landed + codec.encode_many(items[len(landing) :])))
+        for key in keys:
+            self.demote(key, t, encoded=encoded.get(key))
+
+    def demote(
+        self, key: BlockKey, t: int, leaving: BlockKey | None = None, encoded: Encoded | None = None
+    ) -> None:
         """Move `key` from tier t one tier down, or out of the store from the bottom tier.
+        `encoded`: its block in the lower tier's codec already (demote_many's batch).
 
         If the lower tier fails, the block stays where it was and the error propagates.
         """
@@ -278,7 +373,7 @@ class Placement:
             return
         item = source.get(key)
         target = self.tiers[t + 1]
-        encoded = self.encode_for(t + 1, item, t)
+        encoded = self.encode_for(t + 1, item, t) if encoded is None else encoded
         nbytes = target.charge(encoded)
         self.make_room(t + 1, nbytes, key, leaving)
         dropped = target.put(key, encoded)
@@ -295,14 +390,20 @@ class Placement:
         """`item`, held by tier `source`, in the codec of tier t (straight into its memory if it can)."""
         codec = self.codecs[t]
         if isinstance(item, KVBlock):
-            landing = getattr(self.tiers[t], "landing_buffer", None)
-            buffer = None
-            if landing is not None and item.device.type == "cpu":
-                buffer = landing(codec.encoded_nbytes(item.kv_heads, item.tokens, item.head_dim, item.dtype))
-            return codec.encode(item) if buffer is None else codec.encode_into(item, buffer)
+            landing = self.landing_buffers(t, [item])
+            return codec.encode_into(item, landing[0]) if landing else codec.encode(item)
         if item.codec == codec.spec:
             return item
         return codec.encode(self.codecs[source].decode(item, "cpu"))
+
+    def landing_buffers(self, t: int, blocks: list[KVBlock]) -> list[torch.Tensor]:
+        """Tier t's buffers for the payloads of `blocks`, in order, when the blocks are on the CPU
+        (a CUDA block is encoded where it is); fewer or none when the tier has not that many."""
+        if not blocks or any(block.device.type != "cpu" for block in blocks):
+            return []
+        codec = self.codecs[t]
+        sizes = [codec.encoded_nbytes(b.kv_heads, b.tokens, b.head_dim, b.dtype) for b in blocks]
+        return self.tiers[t].landing_buffers(sizes)
 
     def track(
         self,

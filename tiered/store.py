@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -54,17 +54,11 @@ class TieredStore:
         self.config = config
         self.device = config.torch_device
         # Construct everything that can fail before anything holds resources.
-        codecs: list[Codec | None] = [None, make_codec(config.host_codec)]
-        tiers: list[Tier] = [
-            DeviceTier(self.device, config.device_bytes, rooms=config.layers or 1),
-            HostTier(config.host_bytes, pin=self.device.type == "cuda"),
-        ]
-        if config.disk_dir is not None:
-            codecs.append(make_codec(config.disk_codec))
-            tiers.append(self._open_disk(config, codecs[-1]))
-        if config.shared_dir is not None:  # the cluster-wide tier, below the local ones
-            codecs.append(make_codec(config.disk_codec))
-            tiers.append(SharedTier(config.shared_dir, config.shared_bytes, codec=codecs[-1].spec))
+        codecs: list[Codec | None] = [None]  # the device tier holds blocks as they are
+        tiers: list[Tier] = [DeviceTier(self.device, config.device_bytes, rooms=config.layers or 1)]
+        for spec, open_tier in self._lower_tiers(config):
+            codecs.append(make_codec(spec))
+            tiers.append(open_tier(codecs[-1]))
         policies = [make_eviction(config.eviction, **config.eviction_kwargs) for _ in tiers]  # one per tier
         # the simulator's write decisions and the store's are one: policies.write's, by name
         persistent = config.disk_dir is not None or config.shared_dir is not None
@@ -78,14 +72,26 @@ class TieredStore:
         self._pending_writes: list[BlockKey] = []
         self._write_job: Future | None = None
         self._writing = False  # a write job is queued or running
-        for t in range(1, len(tiers)):
-            for key in tiers[t].keys():  # blocks a persistent tier kept from an earlier run
-                held = tiers[t].held(key)
-                if held is not None:
-                    self._place.track(key, t, held[0], tokens=held[1])
+        self._place.track_kept()
         self._scheduler = Scheduler(self._move_up)  # last: its mover thread starts here
 
     disk_tier_type: type[DiskTier] = DiskTier  # the disk tier's class (a test's subclass may slow or fail it)
+
+    @classmethod
+    def _lower_tiers(cls, config: StoreConfig) -> list[tuple[str, Callable[[Codec], Tier]]]:
+        """The tiers below the device that `config` asks for, top first, each as (its codec's spec,
+        how to open it with that codec): host always; disk with a disk_dir; the cluster-wide shared
+        tier, below the local ones, with a shared_dir."""
+        lower: list[tuple[str, Callable[[Codec], Tier]]] = [
+            (config.host_codec, lambda codec: HostTier(config.host_bytes, pin=config.torch_device.type == "cuda"))
+        ]
+        if config.disk_dir is not None:
+            lower.append((config.disk_codec, lambda codec: cls._open_disk(config, codec)))
+        if config.shared_dir is not None:
+            lower.append(
+                (config.disk_codec, lambda codec: SharedTier(config.shared_dir, config.shared_bytes, codec=codec.spec))
+            )
+        return lower
 
     @classmethod
     def _open_disk(cls, config: StoreConfig, codec: Codec) -> Tier:
@@ -130,9 +136,8 @@ class TieredStore:
             layout = self._place.layout_for([block for _, block in items])
             if self.layout is None and layout is not None:
                 self._place.allocate(layout)
-            for key, block in items:
-                self._place.put(key, block)
-                self._counters.puts += 1
+            self._place.put_many(items)
+            self._counters.puts += len(items)
 
     def get(self, key: BlockKey) -> KVBlock | None:
         """The block stored under `key`, on the store's device, or None. Promotes it to the device tier.
@@ -199,10 +204,7 @@ class TieredStore:
             step = place.tick()
             if t != DEVICE and not place.promote(key, t):
                 raise KeyError(f"{key} could not be read back from the {place.tiers[t].name} tier")
-            place.device_tier.write_tokens(key, offset, block.keys, block.values)
-            place.stats[DEVICE][key].tokens = max(stored, offset + block.tokens)
-            place.touch(key, DEVICE, step, hit=False)
-            place.counters[DEVICE].bytes_in += block.nbytes
+            place.write_tokens(key, offset, block, step)
 
     @contextmanager
     def reading(
@@ -261,9 +263,7 @@ class TieredStore:
         with self._lock:
             t = self._place.where.get(key)
             if t is not None:
-                stats = self._place.stats[t][key]
-                stats.score = float(score)
-                self._place.policies[t].on_update(key, stats)
+                self._place.set_score(key, t, float(score))
 
     def seal(self, key: BlockKey, content_key: BlockKey) -> bool:
         """Relabel the full block `key` as `content_key`, the address of what it holds (tiered.content).
@@ -285,9 +285,7 @@ class TieredStore:
             full = place.stats[place.where[key]][key].tokens
             if full != self.config.block_tokens:
                 raise ValueError(f"only full blocks are sealed; {key} holds {full} of {self.config.block_tokens} tokens")
-            refs = place.refs.pop(key, 0)
-            if refs:
-                place.refs[content_key] += refs
+            place.move_refs(key, content_key)
             if content_key in place.where:
                 place.remove(key)
                 self._counters.seal_hits += 1
@@ -608,12 +606,12 @@ class TieredStore:
                 place.touch(key, DEVICE, place.tick(), hit=False)
                 return UP
             tier, stats = place.tiers[t], place.stats[t][key]
-        if isinstance(tier, DiskTier):
-            item = tier.get(key)  # an OSError leaves the block where it lies
+        if tier.reads_unlocked:
+            item = tier.get(key)  # outside the lock; an OSError leaves the block where it lies
         with self._lock:
             if place.where.get(key) != t or place.stats[t].get(key) is not stats or key in place.reading:
                 return SKIPPED  # changed while it was read
-            if item is None and isinstance(tier, DiskTier):  # damaged: the disk tier dropped it
+            if item is None and tier.reads_unlocked:  # damaged: the tier dropped it
                 place.forget([key], t)
                 raise KeyError(f"{key} could not be read back from the {tier.name} tier")
             try:
@@ -622,9 +620,7 @@ class TieredStore:
                 return SKIPPED
             if not moved_bytes:
                 raise KeyError(f"{key} could not be read back from the {place.tiers[t].name} tier")
-            place.counters[t].prefetched += 1
-            place.moved_unread.add(key)
-            place.touch(key, DEVICE, place.tick(), hit=False)
+            place.note_prefetched(key, t)
             return MOVED
 
 def _checked_keys(keys: Iterable[BlockKey]) -> list[BlockKey]:

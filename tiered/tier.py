@@ -9,7 +9,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
-from .block import BlockKey
+import torch
+
+from .block import BlockKey, BlockLayout
 
 
 class Tier(ABC):
@@ -19,6 +21,22 @@ class Tier(ABC):
     # True for a tier that enforces its own capacity inside put (and reports what it dropped);
     # the store then never asks the eviction policy to make room in it.
     evicts_itself: bool = False
+    # True for a tier whose get may run outside the store's lock, alongside its other calls (the
+    # disk tier: its log locks itself); the store reads such a tier's blocks (a slow read from
+    # storage, which may raise OSError) without holding its lock.
+    reads_unlocked: bool = False
+
+    def allocate(self, layout: BlockLayout, item_bytes: int) -> None:
+        """Size the tier for blocks of `layout`, a full one taking `item_bytes` as this tier stores it
+        (its codec's payload; the block's own bytes in the device tier). Called once, when the first
+        block fixes the layout, before any put. The default has nothing to size."""
+
+    def landing_buffers(self, sizes: list[int]) -> list[torch.Tensor]:
+        """Buffers ([nbytes] uint8, one per size, in order) that the next puts of payloads of those
+        sizes keep as they are, for a codec to encode straight into; fewer (or none: the default)
+        when the tier has not that many free. A buffer stays intact until its own put, and a put
+        whose payload is not in the buffer it lands in copies it."""
+        return []
 
     @abstractmethod
     def __contains__(self, key: BlockKey) -> bool:
@@ -87,7 +105,7 @@ class Tier(ABC):
         return self.free_bytes
 
     def held(self, key: BlockKey) -> tuple[int, int] | None:
-        """(capacity bytes, tokens) of the Encoded block stored under `key`; None if the tier cannot return it.
+        """(capacity bytes, tokens) of the block stored under `key`; None if the tier cannot return it.
 
         The default reads the item; a tier that knows without reading it (the disk tier) overrides this.
         """
@@ -96,6 +114,9 @@ class Tier(ABC):
 
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
+
+    def sync(self) -> None:
+        """Make what put stored durable (a tier over files); the default has nothing to do."""
 
     def close(self) -> None:
         """Release what the tier holds; it is not used afterwards."""

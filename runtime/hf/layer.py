@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from tiered import BlockKey, TieredStore
+from tiered import BlockKey, KVBlock, TieredStore
 from tiered.content import content_key, is_content_key
 
 
@@ -238,18 +238,24 @@ class TieredLayer(CacheLayerMixin):
         """Write the new tokens block by block: [batch, kv_heads, new, head_dim] -> each row's blocks."""
         store, block_tokens = self.state.store, self.state.block_tokens
         new = key_states.shape[2]
+        new_blocks: list[tuple[BlockKey, KVBlock]] = []  # stored together: their spills are one batch
         start = 0
         while start < new:
             index, offset = divmod(self.tokens + start, block_tokens)
             end = min(new, start + block_tokens - offset)
             for r, row in enumerate(self.rows):
+                # keys, values of this row and block: [kv_heads, end - start, head_dim]
+                keys, values = key_states[r, :, start:end], value_states[r, :, start:end]
                 if offset == 0:
                     key = BlockKey(row.namespace, self.layer_idx, index)
                     row.keys.append(key)
                     self.users[key] += 1
-                # keys, values of this row and block: [kv_heads, end - start, head_dim]
-                store.write_tokens(row.keys[index], offset, key_states[r, :, start:end], value_states[r, :, start:end])
+                    new_blocks.append((key, KVBlock(keys, values)))
+                else:
+                    store.write_tokens(row.keys[index], offset, keys, values)
             start = end
+        if new_blocks:
+            store.put_many(new_blocks)
         self.tokens += new
         if new and self.tokens % block_tokens < new:  # a block filled: seal it if its token ids are known
             self.seal_known()

@@ -26,7 +26,7 @@ from typing import Literal
 from torch import Tensor
 
 from policies import make_prefetch
-from tiered import BlockKey, TieredStore
+from tiered import BlockKey, KVBlock, TieredStore
 from tiered.checked import NonNegative, Positive, checked
 from tiered.content import content_key, is_content_key
 from tiered.gather import DenseRun
@@ -150,20 +150,32 @@ class KVManager:
         """Write `k`, `v` ([kv_heads, n, head_dim]) after the tokens `layer` holds."""
         length, n, size = self.lengths[layer], k.shape[1], self.block_tokens
         keys = self.block_keys[layer]
+        new_blocks: list[tuple[BlockKey, KVBlock]] = []  # stored together: their spills are one batch
         done = 0
         while done < n:
             index, offset = divmod(length + done, size)
             take = min(size - offset, n - done)
+            part_k, part_v = k[:, done : done + take], v[:, done : done + take]  # [kv_heads, take, head_dim]
             if index == len(keys):
                 keys.append(BlockKey(self.namespace, layer, index))
-                self.store.retain(keys[-1:])  # the sequence holds a reference to each of its blocks
-            try:
-                self.store.write_tokens(keys[index], offset, k[:, done : done + take], v[:, done : done + take])
-            except (KeyError, ValueError) as error:
-                if offset and keys[index] not in self.store:  # the partial block was lost below
-                    raise BlocksLost(layer, index, self.namespace) from error
-                raise
+                new_blocks.append((keys[-1], KVBlock(part_k, part_v)))
+            else:
+                try:
+                    self.store.write_tokens(keys[index], offset, part_k, part_v)
+                except (KeyError, ValueError) as error:
+                    if offset and keys[index] not in self.store:  # the partial block was lost below
+                        raise BlocksLost(layer, index, self.namespace) from error
+                    raise
             done += take
+        if new_blocks:
+            new_keys = [key for key, _ in new_blocks]
+            self.store.retain(new_keys)  # the sequence holds a reference to each of its blocks
+            try:
+                self.store.put_many(new_blocks)
+            except BaseException:
+                self.store.release(new_keys)
+                del keys[len(keys) - len(new_keys) :]
+                raise
         if self.sparse is not None:
             self.sparse.add(layer, length, k)
         self.lengths[layer] += n

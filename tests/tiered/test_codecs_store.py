@@ -82,3 +82,44 @@ def test_a_spec_string_with_a_group_size_configures_the_store():
         assert store.stats()["tiers"]["host"]["bytes_in"] == make_codec("int4", group=32).encoded_nbytes(HEADS, TOKENS, DIM, torch.float16)
     with pytest.raises(ValueError, match="codec spec"):
         StoreConfig(device="cpu", host_codec="int4:32")
+
+
+@pytest.mark.parametrize("name", ["int8", "raw"])
+def test_a_batch_put_spills_as_the_same_puts_one_at_a_time_do(name):
+    """put_many makes room for its blocks at once (one encode_many of every victim); what lands
+    where, and the bytes each block comes back as, are those of the same puts made one by one,
+    also when the batch holds more new blocks than the device has slots."""
+    codec = make_codec(name)
+    originals = [outlier_block(HEADS, TOKENS if s % 4 else 23, DIM, seed=s) for s in range(12)]
+    config = StoreConfig(device="cpu", device_bytes=4 * BLOCK_BYTES, host_bytes=64 * BLOCK_BYTES, host_codec=name)
+    items = [(BlockKey("seq", 0, i), block) for i, block in enumerate(originals)]
+    with TieredStore(config) as batched, TieredStore(config) as single:
+        batched.put_many(items[:4])  # fills the device
+        batched.put_many(items[4:7])  # three victims at once
+        batched.put_many(items[7:])  # five new blocks for four slots: the last put makes its own room
+        for key, block in items:
+            single.put(key, block)
+        for key, original in items:
+            assert batched.where(key) == single.where(key)
+            want = original if batched.where(key) == "device" else codec.decode(codec.encode(original), "cpu")
+            assert batched.peek(key).equal(want) and single.peek(key).equal(want)
+        for tier in ("device", "host"):
+            mine, theirs = batched.stats()["tiers"][tier], single.stats()["tiers"][tier]
+            assert (mine["evictions"], mine["bytes_in"]) == (theirs["evictions"], theirs["bytes_in"])
+
+
+def test_a_batch_put_replaces_older_versions_held_below():
+    codec = make_codec("int8")
+    config = StoreConfig(device="cpu", device_bytes=2 * BLOCK_BYTES, host_bytes=3 * BLOCK_BYTES, host_codec="int8")
+    first = [(BlockKey("seq", 0, i), outlier_block(HEADS, TOKENS, DIM, seed=i)) for i in range(5)]
+    second = [(key, outlier_block(HEADS, TOKENS, DIM, seed=100 + i)) for i, (key, _) in enumerate(first[:2])]
+    with TieredStore(config) as store:
+        store.put_many(first)  # keys 0..2 go to the host, which is then full
+        assert [store.where(key) for key, _ in first] == ["host"] * 3 + ["device"] * 2
+        store.put_many(second)  # keys 0 and 1 come back new; 3 and 4 make room below
+        assert [store.where(key) for key, _ in first] == ["device", "device", "host", "host", "host"]
+        for key, block in second:
+            assert store.peek(key).equal(block)
+        for key, block in first[2:]:
+            assert store.peek(key).equal(codec.decode(codec.encode(block), "cpu"))
+        assert store.stats()["tiers"]["host"]["dropped"] == 0

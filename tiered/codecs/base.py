@@ -89,6 +89,11 @@ class Codec(ABC):
         ready = copy_into(encoded.payload, out)
         return Encoded(encoded.codec, encoded.dtype, encoded.shape, out, ready)
 
+    def encode_many_into(self, blocks: Sequence[KVBlock], outs: Sequence[torch.Tensor]) -> list[Encoded]:
+        """encode_into() of every block into its buffer, in order (overridden by codecs with batched
+        kernels: one call for many blocks)."""
+        return [self.encode_into(block, out) for block, out in zip(blocks, outs, strict=True)]
+
     def encode_many(self, blocks: Sequence[KVBlock]) -> list[Encoded]:
         """encode() of every block, in order. A codec with batched kernels overrides it: one call
         for many blocks is what reaches memory bandwidth."""

@@ -527,7 +527,10 @@ int64_t tiered_decode(int64_t begin, int64_t end, const int64_t *keys, const int
  * (p[t] · scale[t, c] times the codes) and its min (Σ p[t] · min[t, c] per channel group c, added
  * at the end). Softmax runs online over the blocks (running max and sum per query row), so nothing
  * block-sized is made but the unpacked codes of one head of one block (bits < 8). Work is split
- * over KV heads [h_begin, h_end). Rows are copied into vectors of LANES padded with zeros. */
+ * over KV heads [h_begin, h_end). Rows are copied into vectors of LANES padded with zeros.
+ * Tokens go AL at a time: their codes are widened once for every query row, a row's AL scores are
+ * AL independent sums (one horizontal reduction for all of them), and a row's output takes AL
+ * tokens' values per load and store. */
 
 /* The attention loops use vectors of 8 floats: gcc keeps those in AVX2 registers, where a
  * 16-lane vf accumulator would go through the stack on every iteration. */
@@ -554,6 +557,24 @@ INLINE float hsum8(v8 x) {
     return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
 #else
     return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+#endif
+}
+
+/* hsum8 of each of x[0..7]: one vector of the 8 sums. */
+INLINE v8 hsum8x8(const v8 *x) {
+#if !defined(TIERED_PORTABLE) && defined(__AVX2__)
+    __m256 a[8];
+    memcpy(a, x, sizeof a);
+    __m256 b0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 b1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+    v8 out;
+    memcpy(&out, &sums, sizeof out);
+    return out;
+#else
+    v8 out;
+    for (int j = 0; j < AL; j++) out[j] = hsum8(x[j]);
+    return out;
 #endif
 }
 
@@ -616,6 +637,8 @@ static const uint8_t *codes_of(const uint8_t *packed, int64_t first, int64_t cou
     return scratch;
 }
 
+/* Ask for head h's codes and params of a block ahead of reading them: each block's sections are
+ * separate runs of a few KiB, too short for the hardware prefetcher to ramp up on its own. */
 /* q: [H, R, D] fp32, scaled; qpos: [n] or NULL (every key visible); row r is query r % n.
  * Blocks b: payload address, tokens, first position and 6 offsets (as for encode). out: [H, R, D]
  * normalized over these blocks, lse: [H, R] (-inf, out 0 where a row sees no key). Returns 0 or -1
@@ -626,14 +649,15 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
     int64_t Dp = (D + LANES - 1) / LANES * LANES, ngv = (D + G - 1) / G, tmax = 1;
     for (int64_t b = 0; b < nblocks; b++) tmax = tokens[b] > tmax ? tokens[b] : tmax;
     int64_t tcodes = tmax;
-    tmax = (tmax + LANES - 1) / LANES * LANES; /* score rows padded to whole vectors */
-    size_t floats = (size_t)(3 * R * Dp + R * ngv + 3 * R + R * tmax + 4 * Dp + 2 * ngv);
+    tmax = (tmax + LANES - 1) / LANES * LANES + AL; /* score rows padded to whole vectors, and a chunk of AL past */
+    size_t floats = (size_t)(3 * R * Dp + R * ngv + 3 * R + R * tmax + (AL + 3) * Dp + (AL + 1) * ngv);
     float *mem = malloc(sizeof(float) * floats);
     uint8_t *scratch = bits < 8 ? malloc((size_t)(tcodes * D)) : NULL;
     if (mem == NULL || (bits < 8 && scratch == NULL)) return free(mem), free(scratch), -1;
     float *qh = mem, *qs = qh + R * Dp, *acc = qs + R * Dp, *zsum = acc + R * Dp, *qz = zsum + R * ngv;
-    float *m = qz + R, *l = m + R, *s = l + R, *cf = s + R * tmax, *kmin = cf + Dp, *kscale = kmin + Dp;
-    float *lane_scale = kscale + Dp, *vs = lane_scale + Dp, *vm = vs + ngv; /* vs, vm: one token's value params */
+    /* cf: AL rows of widened codes [AL, Dp]; vs: one token's value scales; vm: AL tokens' value mins [ngv, AL] */
+    float *m = qz + R, *l = m + R, *s = l + R, *cf = s + R * tmax, *kmin = cf + AL * Dp, *kscale = kmin + Dp;
+    float *lane_scale = kscale + Dp, *vs = lane_scale + Dp, *vm = vs + ngv;
     int whole = G % AL == 0; /* every vector of a row lies in one value group */
     for (int64_t h = h_begin; h < h_end; h++) {
         memset(qh, 0, sizeof(float) * (size_t)(R * Dp));
@@ -658,12 +682,18 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
                     }
                     qz[r] = hsum8(z);
                 }
-                for (int64_t t = g * G, end = min64(T, t + G); t < end; t++) {
-                    codes_row(kc + t * D, D, cf, Dp);
+                for (int64_t t = g * G, end = min64(T, t + G); t < end; t += AL) {
+                    int64_t nt = min64(AL, end - t); /* scores past the group's end are written, then overwritten */
+                    for (int64_t j = 0; j < AL; j++)
+                        if (j < nt) codes_row(kc + (t + j) * D, D, cf + j * Dp, Dp);
+                        else memset(cf + j * Dp, 0, sizeof(float) * (size_t)Dp);
                     for (int64_t r = 0; r < R; r++) {
-                        v8 dot = splat8(0.0f);
-                        for (int64_t i = 0; i < Dp; i += AL) dot += load8(qs + r * Dp + i) * load8(cf + i);
-                        s[r * tmax + t] = qz[r] + hsum8(dot);
+                        v8 dot[AL] = {{0}};
+                        for (int64_t i = 0; i < Dp; i += AL) {
+                            v8 x = load8(qs + r * Dp + i);
+                            for (int j = 0; j < AL; j++) dot[j] += x * load8(cf + j * Dp + i);
+                        }
+                        store8(s + r * tmax + t, hsum8x8(dot) + qz[r]);
                     }
                 }
             }
@@ -675,7 +705,7 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
                         if (starts[b] + t > qpos[r % n]) sr[t] = -__builtin_inff();
                 for (int64_t t = 0; t < T; t++) best = sr[t] > best ? sr[t] : best;
                 if (best == -__builtin_inff()) { /* this row sees nothing of the block */
-                    memset(sr, 0, sizeof(float) * (size_t)T);
+                    memset(sr, 0, sizeof(float) * (size_t)((T + AL - 1) / AL * AL));
                     continue;
                 }
                 float top = best > m[r] ? best : m[r], alpha = expf(m[r] - top), sum = 0.0f;
@@ -696,27 +726,40 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
             /* values */
             const uint8_t *vc = codes_of(p + o[5], h * T * D, T * D, bits, scratch);
             const uint16_t *vmin16 = (const uint16_t *)(p + o[2]), *vscale16 = (const uint16_t *)(p + o[3]);
-            for (int64_t t = 0; t < T; t++) {
-                codes_row(vc + t * D, D, cf, Dp);
-                int64_t at = (h * T + t) * ngv;
-                for (int64_t c = 0; c < ngv; c++) vs[c] = f16_scalar(vscale16[at + c]), vm[c] = f16_scalar(vmin16[at + c]);
-                if (!whole)
-                    for (int64_t d = 0; d < Dp; d++) lane_scale[d] = d < D ? vs[d / G] : 0.0f;
-                for (int64_t r = 0; r < R; r++) {
-                    float pt = s[r * tmax + t];
-                    if (pt == 0.0f) continue;
-                    float *ar = acc + r * Dp;
-                    if (whole) { /* one weight per value group */
+            for (int64_t t = 0; t < T; t += AL) {
+                int64_t nt = min64(AL, T - t); /* rows past nt are zeros, and so are their weights */
+                memset(vm, 0, sizeof(float) * (size_t)(AL * ngv));
+                for (int64_t j = 0; j < AL; j++) { /* row j of cf: token t + j's codes times their scales */
+                    float *row = cf + j * Dp;
+                    if (j >= nt) {
+                        memset(row, 0, sizeof(float) * (size_t)Dp);
+                        continue;
+                    }
+                    codes_row(vc + (t + j) * D, D, row, Dp);
+                    int64_t at = (h * T + t + j) * ngv;
+                    for (int64_t c = 0; c < ngv; c++)
+                        vs[c] = f16_scalar(vscale16[at + c]), vm[c * AL + j] = f16_scalar(vmin16[at + c]);
+                    if (whole) { /* one scale per vector; the last group's also for the padding */
                         for (int64_t c = 0; c < ngv; c++) {
-                            v8 w = splat8(pt * vs[c]);
-                            for (int64_t i = c * G, end = min64(Dp, i + G); i < end; i += AL)
-                                store8(ar + i, load8(ar + i) + w * load8(cf + i));
+                            v8 scale = splat8(vs[c]);
+                            for (int64_t i = c * G, end = c == ngv - 1 ? Dp : i + G; i < end; i += AL)
+                                store8(row + i, load8(row + i) * scale);
                         }
                     } else {
-                        for (int64_t i = 0; i < Dp; i += AL)
-                            store8(ar + i, load8(ar + i) + splat8(pt) * load8(lane_scale + i) * load8(cf + i));
+                        for (int64_t d = 0; d < Dp; d++) lane_scale[d] = d < D ? vs[d / G] : 0.0f;
+                        for (int64_t i = 0; i < Dp; i += AL) store8(row + i, load8(row + i) * load8(lane_scale + i));
                     }
-                    for (int64_t c = 0; c < ngv; c++) zsum[r * ngv + c] += pt * vm[c];
+                }
+                for (int64_t r = 0; r < R; r++) {
+                    const float *pr = s + r * tmax + t;
+                    float *ar = acc + r * Dp;
+                    for (int64_t i = 0; i < Dp; i += AL) {
+                        v8 a = load8(ar + i);
+                        for (int j = 0; j < AL; j++) a += splat8(pr[j]) * load8(cf + j * Dp + i);
+                        store8(ar + i, a);
+                    }
+                    v8 w = load8(pr);
+                    for (int64_t c = 0; c < ngv; c++) zsum[r * ngv + c] += hsum8(w * load8(vm + c * AL));
                 }
             }
         }

@@ -257,15 +257,22 @@ def attend(
     rows = heads // kv_heads * n
     # grouped: [kv_heads, rows, head_dim] fp32, scaled; row r of KV head h is query head h·group + r // n
     grouped = (q.float().reshape(kv_heads, rows, dim) * scale).contiguous()
-    table = (ctypes.c_int64 * (9 * len(payloads)))()
+    nb = len(payloads)
+    layouts = {count: fmt.layout(kv_heads, count, dim) for count in set(tokens)}  # most blocks are full
+    addresses = []
     for i, (payload, count) in enumerate(zip(payloads, tokens)):
-        layout = fmt.layout(kv_heads, count, dim)
-        if not payload.is_cpu or payload.dtype != torch.uint8 or payload.numel() != layout.nbytes or not payload.is_contiguous():
-            raise ValueError(f"payload {i} must be a contiguous CPU uint8 tensor of {layout.nbytes} bytes")
-        table[i], table[len(payloads) + i] = payload.data_ptr(), count
-    table[2 * len(payloads) : 3 * len(payloads)] = list(starts)
-    table[3 * len(payloads) :] = [o for count in tokens for o in fmt.layout(kv_heads, count, dim).offsets()]
-    base, nb = ctypes.addressof(table), len(payloads)
+        nbytes = layouts[count].nbytes
+        if not payload.is_cpu or payload.dtype != torch.uint8 or payload.numel() != nbytes or not payload.is_contiguous():
+            raise ValueError(f"payload {i} must be a contiguous CPU uint8 tensor of {nbytes} bytes")
+        addresses.append(payload.data_ptr())
+    # the block table: payload addresses [nb], tokens [nb], first positions [nb], section offsets [nb, 6]
+    table = (ctypes.c_int64 * (9 * nb))()
+    table[:nb], table[nb : 2 * nb], table[2 * nb : 3 * nb] = addresses, tokens, starts
+    if len(layouts) == 1:
+        table[3 * nb :] = layouts[tokens[0]].offsets() * nb
+    else:
+        table[3 * nb :] = [o for count in tokens for o in layouts[count].offsets()]
+    base = ctypes.addressof(table)
     positions = None if q_positions is None else q_positions.to(torch.int64).contiguous()
     out = torch.empty(kv_heads, rows, dim, dtype=torch.float32)  # [H, R, D]
     lse = torch.empty(kv_heads, rows, dtype=torch.float32)  # [H, R]

@@ -29,7 +29,8 @@ def _channels_contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _on_cpu(encoded: Encoded) -> Encoded:
-    return encoded if encoded.payload.is_cpu else encoded.to("cpu")
+    """`encoded` with its bytes on the host, once a pending copy into them is done."""
+    return (encoded if encoded.payload.is_cpu else encoded.to("cpu")).wait()
 
 
 def _batches(items: Sequence, key) -> list[list[int]]:
@@ -71,23 +72,35 @@ class QuantizedCodec(Codec):
     def encode_into(self, block: KVBlock, out: torch.Tensor) -> Encoded:
         if out.device != block.device:  # quantize where the block is, then move the smaller payload
             return super().encode_into(block, out)
-        nbytes = self.encoded_nbytes(*block.keys.shape, block.dtype)
-        if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != nbytes or not out.is_contiguous():
-            raise ValueError(f"encode_into needs a contiguous [{nbytes}] uint8 tensor, got {out.dtype} {tuple(out.shape)}")
+        _check_buffer(out, self.encoded_nbytes(*block.keys.shape, block.dtype))
         self._encode_batch([block], [out])
         return Encoded(self.spec, block.dtype, tuple(block.keys.shape), out)
 
     def encode_many(self, blocks: Sequence[KVBlock]) -> list[Encoded]:
         """Every block encoded, in order; blocks of one shape, dtype and device share a kernel call."""
+        outs = [torch.empty(self.encoded_nbytes(*b.keys.shape, b.dtype), dtype=torch.uint8, device=b.device) for b in blocks]
+        return self.encode_many_into(blocks, outs)
+
+    def encode_many_into(self, blocks: Sequence[KVBlock], outs: Sequence[torch.Tensor]) -> list[Encoded]:
+        """Every block encoded into its buffer, in order; blocks of one shape and dtype whose
+        buffers are on their device share a kernel call. A buffer on another device (a pinned host
+        slot for a CUDA block) gets the payload quantized where the block is, then copied over."""
+        if len(blocks) != len(outs):
+            raise ValueError(f"{len(blocks)} blocks but {len(outs)} buffers")
         results: list[Encoded | None] = [None] * len(blocks)
         for index in _batches(blocks, lambda b: (tuple(b.keys.shape), b.dtype, b.device)):
             batch = [blocks[i] for i in index]
-            shape, dtype, device = tuple(batch[0].keys.shape), batch[0].dtype, batch[0].device
+            shape, dtype = tuple(batch[0].keys.shape), batch[0].dtype
+            if any(outs[i].device != batch[0].device for i in index):  # move the smaller payload
+                for i in index:
+                    results[i] = Codec.encode_into(self, blocks[i], outs[i])
+                continue
             nbytes = self.encoded_nbytes(*shape, dtype)
-            outs = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in batch]
-            self._encode_batch(batch, outs)
-            for i, out in zip(index, outs):
-                results[i] = Encoded(self.spec, dtype, shape, out)
+            for i in index:
+                _check_buffer(outs[i], nbytes)
+            self._encode_batch(batch, [outs[i] for i in index])
+            for i in index:
+                results[i] = Encoded(self.spec, dtype, shape, outs[i])
         return results
 
     def _encode_batch(self, blocks: list[KVBlock], outs: list[torch.Tensor]) -> None:
@@ -135,15 +148,9 @@ class QuantizedCodec(Codec):
         if keys_out.device.type != "cpu" or not cpu_kernels.available() or keys_out.stride(-1) != 1 \
                 or values_out.stride(-1) != 1:
             return super().decode_rows_into(encoded, keys_out, values_out, rows)
-        spec, batches = self.spec, {}
-        for i, item in enumerate(encoded):
-            if not isinstance(item, Encoded) or item.codec != spec:
-                Codec.check(self, item)  # raises, naming what is wrong
-            batches.setdefault((item.shape, item.dtype), []).append(i)
-        for index in batches.values():
-            Codec.check(self, encoded[index[0]])  # shape, dtype and size formula: once per batch
+        batches = self._checked_batches(encoded)
         check_rows(encoded, keys_out, values_out, rows)
-        for index in batches.values():  # the kernel checks each payload's size
+        for index in batches:
             payloads = [_on_cpu(encoded[i]).payload for i in index]
             cpu_kernels.decode_rows(self.fmt, payloads, keys_out, values_out, [rows[i] for i in index],
                                     encoded[index[0]].shape)
@@ -188,19 +195,38 @@ class QuantizedCodec(Codec):
         "int" kinds; the reference otherwise."""
         if not encoded:
             raise ValueError("attend needs at least one block")
-        for item in encoded:
-            Codec.check(self, item)
+        self._checked_batches(encoded)
         kv_heads, _, dim = encoded[0].shape
         if q.dim() != 3 or q.shape[-1] != dim or q.shape[0] % kv_heads:
             raise ValueError(f"q must be [heads, n, {dim}] with heads a multiple of {kv_heads}, got {tuple(q.shape)}")
         scale = dim**-0.5 if scale is None else scale
-        payloads = [item.to(q.device).wait().payload for item in encoded]
+        if q.is_cpu:
+            payloads = [_on_cpu(item).payload for item in encoded]
+        else:
+            payloads = [item.to(q.device).wait().payload for item in encoded]
         tokens, starts = [item.shape[1] for item in encoded], list(starts)
         if self.fmt.kind == "int" and q.device.type == "cuda" and triton_kernels.attend_supports(self.fmt, dim):
             return triton_kernels.attend(self.fmt, q, payloads, tokens, starts, kv_heads, q_positions, scale)
         if self.fmt.kind == "int" and q.device.type == "cpu" and cpu_kernels.available():
             return cpu_kernels.attend(self.fmt, q, payloads, tokens, starts, kv_heads, q_positions, scale)
         return attend_reference.attend_quantized(self.fmt, q, payloads, tokens, starts, kv_heads, q_positions, scale)
+
+    def _checked_batches(self, encoded: Sequence[Encoded]) -> list[list[int]]:
+        """Indices of `encoded` grouped by (shape, dtype), each item checked as Codec.check does,
+        with the shape, dtype and size formula worked out once per group (a read of many blocks)."""
+        spec, batches = self.spec, {}
+        for i, item in enumerate(encoded):
+            group = batches.get((item.shape, item.dtype)) if isinstance(item, Encoded) and item.codec == spec else None
+            if group is None:
+                Codec.check(self, item)  # raises, naming what is wrong
+                group = batches[(item.shape, item.dtype)] = ([], item.nbytes)
+            else:
+                payload = item.payload
+                if not (isinstance(payload, torch.Tensor) and payload.dtype == torch.uint8 and payload.dim() == 1
+                        and payload.numel() == group[1]):
+                    Codec.check(self, item)  # raises, naming what is wrong
+            group[0].append(i)
+        return [index for index, _ in batches.values()]
 
     def _kernels(self, like: torch.Tensor):
         """The kernels for blocks like `like`: Triton on CUDA, C on the CPU, else the reference."""
@@ -254,3 +280,9 @@ class Fp8Codec(QuantizedCodec):
     name = "fp8"
     kind = "fp8"
     bits = 8
+
+
+def _check_buffer(out: torch.Tensor, nbytes: int) -> None:
+    """ValueError unless `out` is a contiguous [nbytes] uint8 tensor, a payload's buffer."""
+    if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != nbytes or not out.is_contiguous():
+        raise ValueError(f"encode_into needs a contiguous [{nbytes}] uint8 tensor, got {out.dtype} {tuple(out.shape)}")

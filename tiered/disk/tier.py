@@ -80,6 +80,7 @@ class DiskTier(Tier):
 
     name = "disk"
     evicts_itself = True
+    reads_unlocked = True  # the segment log locks itself
 
     @checked
     def __init__(self, directory: str | Path, capacity_bytes: Positive, *, codec: str = "raw",
