@@ -637,8 +637,6 @@ static const uint8_t *codes_of(const uint8_t *packed, int64_t first, int64_t cou
     return scratch;
 }
 
-/* Ask for head h's codes and params of a block ahead of reading them: each block's sections are
- * separate runs of a few KiB, too short for the hardware prefetcher to ramp up on its own. */
 /* q: [H, R, D] fp32, scaled; qpos: [n] or NULL (every key visible); row r is query r % n.
  * Blocks b: payload address, tokens, first position and 6 offsets (as for encode). out: [H, R, D]
  * normalized over these blocks, lse: [H, R] (-inf, out 0 where a row sees no key). Returns 0 or -1
