@@ -9,7 +9,8 @@ and, per lower tier with a quantizing codec, the stored payloads themselves.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,11 +35,29 @@ class DenseRun:
 @dataclass(frozen=True, slots=True)
 class EncodedRun:
     """Blocks of one lower tier as that tier stores them: `items[i]` (in `codec`) holds the tokens
-    from position starts[i] on. Valid while the read holds its blocks (they do not move meanwhile)."""
+    from position starts[i] on. Valid while the read holds its blocks (they do not move meanwhile).
+    `memo` keeps what the codec's attention works out once about these blocks (its checks, a
+    kernel's block table): a later read of the same blocks, unmoved, gets this same run."""
 
     codec: Codec
     items: list[Encoded]
     starts: list[int]
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _ReadPlan:
+    """A layer's parts as read_parts built them, for the next read of the same keys while no block
+    has moved (Placement.read_plans is emptied when one does). Only the device run `tail`, which
+    holds the last block (a decode step adds a token to it), is made again: from its slots
+    first_slot..last_slot. `hits`: (tier, blocks read from it) per read."""
+
+    keys: list[BlockKey]
+    parts: list[DenseRun | EncodedRun]
+    tail: int
+    first_slot: int
+    last_slot: int
+    hits: list[tuple[int, int]]
 
 
 def read_joined(placement: Placement, keys: list[BlockKey], touch: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +189,10 @@ def read_parts(
     if views is not None:
         limit = views[0].shape[1] if limit_tokens is None else min(limit_tokens, views[0].shape[1])
         return [DenseRun(views[0][:, :limit], views[1][:, :limit], 0)]
+    if not touch and not placement.moved_unread:  # nothing per block to record: a plan may serve
+        parts = _planned(placement, keys, limit_tokens)
+        if parts is not None:
+            return parts
     tiers, slots, tokens, total = _locate(placement, keys, touch)
     full = placement.layout.block_tokens
     limit = total if limit_tokens is None else min(limit_tokens, total)
@@ -189,12 +212,52 @@ def read_parts(
         whole = [j for j, i in enumerate(here) if kept[i] == items[j].shape[1]]
         if isinstance(codec, QuantizedCodec) and whole:
             parts.append(EncodedRun(codec, [items[j] for j in whole], [here[j] * full for j in whole]))
-            cut = [j for j in range(len(here)) if j not in set(whole)]
+            kept_whole = set(whole)
+            cut = [j for j in range(len(here)) if j not in kept_whole]
         else:
             cut = list(range(len(here)))
         if cut:
             parts.append(_decoded_part(placement, codec, [items[j] for j in cut], [here[j] for j in cut], kept))
         placement.counters[t].read_s += time.perf_counter() - start_s
+    if not touch and limit == total:
+        _keep_plan(placement, keys, parts, tiers, slots)
+    return parts
+
+
+def _keep_plan(placement: Placement, keys: list[BlockKey], parts: list, tiers: list[int], slots: list[int]) -> None:
+    """Keep `parts` (read_parts' result for all of `keys`) for the next read of `keys`, when the last
+    block ends a device run that views the pool and nothing was decoded into a copy."""
+    if tiers[-1] != DEVICE or any(isinstance(part, DenseRun) and part.positions is not None for part in parts):
+        return
+    full = placement.layout.block_tokens
+    last = len(keys) - 1
+    ends = [i for i, part in enumerate(parts)
+            if isinstance(part, DenseRun) and part.start // full + (part.keys.shape[1] - 1) // full == last]
+    if len(ends) != 1:
+        return
+    tail = parts[ends[0]]
+    hits = sorted(Counter(tiers).items())
+    placement.read_plans[keys[-1]] = _ReadPlan(list(keys), parts, ends[0], slots[tail.start // full], slots[-1], hits)
+
+
+def _planned(placement: Placement, keys: list[BlockKey], limit_tokens: int | None) -> list | None:
+    """read_parts' result from a kept plan (see _keep_plan), or None when none serves."""
+    plan = placement.read_plans.get(keys[-1])
+    if plan is None or plan.keys != keys:
+        return None
+    layout, device = placement.layout, placement.device_tier
+    full, last_tokens = layout.block_tokens, device.slot_table[keys[-1]][1]
+    total = full * (len(keys) - 1) + last_tokens
+    if limit_tokens is not None and limit_tokens < total:
+        return None
+    for t, count in plan.hits:
+        placement.counters[t].hits += count
+    tail = plan.parts[plan.tail]
+    heads, dim, chosen = layout.kv_heads, layout.head_dim, slice(plan.first_slot, plan.last_slot + 1)
+    parts = list(plan.parts)
+    # views: [kv_heads, blocks · block_tokens, head_dim], cut to the tokens stored
+    parts[plan.tail] = DenseRun(device.keys_pool[:, chosen].reshape(heads, -1, dim)[:, : total - tail.start],
+                                device.values_pool[:, chosen].reshape(heads, -1, dim)[:, : total - tail.start], tail.start)
     return parts
 
 

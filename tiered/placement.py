@@ -99,6 +99,9 @@ class Placement:
         self.moved_unread: set[BlockKey] = set()
         self.prefetch_used = 0
         self.prefetch_wasted = 0
+        # what tiered.gather.read_parts worked out about a layer's blocks, by the layer's last key;
+        # valid until a block is tracked or untracked anywhere (then every plan is dropped)
+        self.read_plans: dict[BlockKey, object] = {}
 
     def track_kept(self) -> None:
         """Track the blocks the lower tiers hold already: what a persistent tier kept from an earlier run."""
@@ -426,6 +429,7 @@ class Placement:
         self.stats[t][key] = stats
         self.policies[t].on_insert(key, stats)
         self.where[key] = t
+        self.read_plans.clear()
         return stats
 
     def remove(self, key: BlockKey) -> None:
@@ -443,6 +447,7 @@ class Placement:
     def untrack(self, key: BlockKey) -> BlockStats:
         """Forget where `key` lives (its tier still holds it); its statistics."""
         t = self.where.pop(key)
+        self.read_plans.clear()
         self.policies[t].on_remove(key)
         if t == DEVICE and key in self.moved_unread:  # prefetched, and leaves the device unread
             self.moved_unread.discard(key)

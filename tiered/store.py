@@ -304,12 +304,7 @@ class TieredStore:
     def release(self, keys: Iterable[BlockKey]) -> None:
         """Count one reader less of each key (a retain's undo)."""
         with self._lock:
-            refs = self._place.refs
-            for key in keys:
-                if refs[key] <= 1:
-                    refs.pop(key, None)
-                else:
-                    refs[key] -= 1
+            _count_down(self._place.refs, keys)
 
     @contextmanager
     def pinning(self, keys: Iterable[BlockKey]) -> Iterator[None]:
@@ -322,8 +317,7 @@ class TieredStore:
             yield
         finally:
             with self._lock:
-                self._place.pinned.subtract(keys)
-                self._place.pinned += Counter()  # drop the zeros
+                _count_down(self._place.pinned, keys)
 
     def references(self, key: BlockKey) -> int:
         """Readers of `key` (retains not yet released)."""
@@ -635,3 +629,11 @@ def _check_key(key: object) -> None:
     if not isinstance(key, BlockKey):
         raise TypeError(f"expected a BlockKey, got {type(key).__name__}")
 
+
+def _count_down(counts: Counter, keys: Iterable[BlockKey]) -> None:
+    """One less of each key in `counts`; a key that reaches zero leaves it."""
+    for key in keys:
+        if counts[key] <= 1:
+            counts.pop(key, None)
+        else:
+            counts[key] -= 1

@@ -128,7 +128,7 @@ def attend_parts(q: Tensor, parts: list, q_positions: Tensor) -> Tensor:
     partials = []
     for part in parts:
         if isinstance(part, EncodedRun):
-            partials.append(part.codec.attend(q, part.items, part.starts, masked))
+            partials.append(part.codec.attend(q, part.items, part.starts, masked, memo=part.memo))
             continue
         positions = part.positions
         if positions is None and masked is not None:

@@ -96,6 +96,37 @@ def test_limit_tokens_leaves_out_later_tokens_of_a_quantized_block():
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
 
 
+def test_a_kept_read_plan_follows_decode_steps_and_is_dropped_when_blocks_move():
+    """Decode steps reuse the layer's parts while no block moves (the same encoded run, its kernel
+    table kept), with the growing last block read anew each time. Blocks move when a step fills a
+    block and when another sequence's blocks push this one's down; the next read is then planned
+    afresh. Attention equals the dequantizing path throughout."""
+    tokens = 8 * BLOCK_TOKENS + 5
+    generator = torch.Generator().manual_seed(3)
+    with TieredStore(store_config(3, "int8")) as store:
+        kv = filled_manager(store, tokens)
+        other = KVManager(store, "other", 1, KV_HEADS, HEAD_DIM)
+        runs, hosts = [], []
+        for step in range(2 * BLOCK_TOKENS):  # crosses two block boundaries
+            if step % 5 == 4:  # another sequence's new block takes a device slot of this one's
+                other.append(0, *(torch.randn(KV_HEADS, BLOCK_TOKENS, HEAD_DIM, generator=generator) for _ in range(2)))
+            q = torch.randn(HEADS, 1, HEAD_DIM, generator=generator)  # [heads, 1, head_dim]
+            k, v = (torch.randn(KV_HEADS, 1, HEAD_DIM, generator=generator) for _ in range(2))  # [kv_heads, 1, head_dim]
+            position = torch.tensor([kv.lengths[0]])
+            got = kv.attend(0, q, k, v, position)
+            torch.testing.assert_close(got, joined_attention(kv, q, position), atol=2e-5, rtol=1e-5)
+            with store.reading_parts(kv.block_keys[0], limit_tokens=kv.lengths[0]) as parts:
+                runs.append(next(part for part in parts if isinstance(part, EncodedRun)))
+                assert sum(p.keys.shape[1] for p in parts if isinstance(p, DenseRun)) + BLOCK_TOKENS * len(
+                    runs[-1].items) == kv.lengths[0]
+            hosts.append(store.stats()["tiers"]["host"]["blocks"])
+        reused = [a is b for a, b in zip(runs, runs[1:])]
+        moved = [a != b for a, b in zip(hosts, hosts[1:])]
+        assert sum(reused) >= BLOCK_TOKENS  # most steps read the kept plan
+        assert not any(r and m for r, m in zip(reused, moved))  # never across a move
+        assert "cpu table" in runs[-1].memo  # the kernel's block table is kept with the run
+
+
 def test_all_on_device_reads_one_run_as_before():
     with TieredStore(store_config(64, "int8")) as store:
         kv = filled_manager(store, 5 * BLOCK_TOKENS)

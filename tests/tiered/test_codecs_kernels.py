@@ -211,7 +211,8 @@ def test_fp8_conversion_matches_torch_on_every_rounding_case():
 @pytest.mark.parametrize("cflags", ["-DTIERED_PORTABLE", "-march=x86-64-v3"], ids=["portable", "avx2-f16c"])
 def test_other_builds_equal_the_reference(tmp_path, cflags):
     """The kernels as other CPUs build them, in a child: without x86 intrinsics (ARM and the
-    rest), and with AVX2 + F16C but no AVX-512."""
+    rest), and with AVX2 + F16C but no AVX-512. Codes equal the reference bit for bit; attention
+    over them equals the reference's within float tolerance."""
     if cflags.startswith("-march=x86") and platform.machine() != "x86_64":
         pytest.skip("an x86 build")
     script = (
@@ -233,6 +234,20 @@ def test_other_builds_equal_the_reference(tmp_path, cflags):
         "            o = [[torch.empty(shape, dtype=dtype)] for _ in range(4)]\n"
         "            reference.decode(fmt, a, o[0], o[1]); cpu_kernels.decode(fmt, a, o[2], o[3])\n"
         "            assert torch.equal(o[0][0], o[2][0]) and torch.equal(o[1][0], o[3][0]), (fmt, dtype, shape)\n"
+        "from tiered.codecs import attend_reference\n"
+        "for fmt in [QuantFormat('int', 8, 64), QuantFormat('int', 4, 64), QuantFormat('int', 2, 32)]:\n"
+        "    for shape, n in (((3, 64, 64), 1), ((1, 7, 80), 3)):\n"
+        "        pays = []\n"
+        "        for _ in range(3):\n"
+        "            k = [torch.randn(shape, generator=g)]; v = [torch.randn(shape, generator=g)]\n"
+        "            pays.append(torch.zeros(fmt.layout(*shape).nbytes, dtype=torch.uint8))\n"
+        "            reference.encode(fmt, k, v, pays[-1:])\n"
+        "        q = torch.randn(shape[0] * 3, n, shape[2], generator=g)\n"
+        "        t, st = [shape[1]] * 3, [0, shape[1], 2 * shape[1]]\n"
+        "        qpos = torch.arange(3 * shape[1] - n, 3 * shape[1]) - 5 if n > 1 else None\n"
+        "        a = cpu_kernels.attend(fmt, q, pays, t, st, shape[0], qpos, 0.125)\n"
+        "        b = attend_reference.attend_quantized(fmt, q, pays, t, st, shape[0], qpos, 0.125)\n"
+        "        assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-4), (fmt, shape)\n"
         "print('portable ok')\n"
     )
     env = dict(os.environ, TIERED_CFLAGS=cflags, TIERED_CACHE_DIR=str(tmp_path))

@@ -560,21 +560,49 @@ INLINE float hsum8(v8 x) {
 #endif
 }
 
-/* hsum8 of each of x[0..7]: one vector of the 8 sums. */
-INLINE v8 hsum8x8(const v8 *x) {
+/* hsum8 of each of x0..x7: one vector of the 8 sums. By value, so the sums stay in registers. */
+INLINE v8 hsum8x8(v8 x0, v8 x1, v8 x2, v8 x3, v8 x4, v8 x5, v8 x6, v8 x7) {
 #if !defined(TIERED_PORTABLE) && defined(__AVX2__)
-    __m256 a[8];
-    memcpy(a, x, sizeof a);
-    __m256 b0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 b1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
-    v8 out;
-    memcpy(&out, &sums, sizeof out);
-    return out;
+    __m256 b0 = _mm256_hadd_ps(_mm256_hadd_ps((__m256)x0, (__m256)x1), _mm256_hadd_ps((__m256)x2, (__m256)x3));
+    __m256 b1 = _mm256_hadd_ps(_mm256_hadd_ps((__m256)x4, (__m256)x5), _mm256_hadd_ps((__m256)x6, (__m256)x7));
+    return (v8)_mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
 #else
-    v8 out;
-    for (int j = 0; j < AL; j++) out[j] = hsum8(x[j]);
-    return out;
+    return (v8){hsum8(x0), hsum8(x1), hsum8(x2), hsum8(x3), hsum8(x4), hsum8(x5), hsum8(x6), hsum8(x7)};
+#endif
+}
+
+/* Vectors along head_dim: 16 floats where AVX-512 keeps them in registers, else 8. */
+#if !defined(TIERED_PORTABLE) && defined(__AVX512F__)
+#define DW 16
+#else
+#define DW 8
+#endif
+typedef float vd __attribute__((vector_size(DW * 4)));
+
+INLINE vd loadd(const float *p) {
+    vd x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+INLINE void stored(float *p, vd x) { memcpy(p, &x, sizeof x); }
+INLINE vd splatd(float x) { return (vd){0} + x; }
+/* a · b + c, one rounding where the CPU fuses it (the kernels build with -ffp-contract=off). */
+INLINE vd fmad(vd a, vd b, vd c) {
+#if !defined(TIERED_PORTABLE) && defined(__AVX512F__)
+    return (vd)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif !defined(TIERED_PORTABLE) && defined(__FMA__)
+    return (vd)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+/* x's lanes folded to 8: lane i + lane i + 8. */
+INLINE v8 fold8(vd x) {
+#if DW == 16
+    __m512d wide = _mm512_castps_pd((__m512)x);
+    return (v8)_mm256_add_ps(_mm256_castpd_ps(_mm512_castpd512_pd256(wide)), _mm256_castpd_ps(_mm512_extractf64x4_pd(wide, 1)));
+#else
+    return x;
 #endif
 }
 
@@ -604,23 +632,34 @@ static void f16_row(const uint16_t *src, int64_t n, float *dst, int64_t padded) 
     }
 }
 
-/* codes src[n] -> fp32 dst[padded], zeros past n. */
-INLINE void codes_row(const uint8_t *src, int64_t n, float *dst, int64_t padded) {
-    for (int64_t i = 0; i < padded; i += AL) {
-        v8b b = {0};
-        if (i + AL <= n)
-            memcpy(&b, src + i, AL);
-        else if (i < n)
-            memcpy(&b, src + i, (size_t)(n - i));
-#if !defined(TIERED_PORTABLE) && defined(__AVX2__) /* gcc widens bytes one by one */
-        __m128i bytes = _mm_cvtsi64_si128(0);
-        memcpy(&bytes, &b, AL);
-        __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-        memcpy(dst + i, &x, sizeof x);
+/* codes src[i, i + DW) as fp32, zeros past n. */
+INLINE vd codes_vec(const uint8_t *src, int64_t i, int64_t n) {
+    uint8_t b[DW] = {0};
+    if (i + DW <= n)
+        memcpy(b, src + i, DW);
+    else if (i < n)
+        memcpy(b, src + i, (size_t)(n - i));
+    vd x;
+#if !defined(TIERED_PORTABLE) && defined(__AVX512F__)
+    __m128i bytes;
+    memcpy(&bytes, b, DW);
+    __m512 wide = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+#elif !defined(TIERED_PORTABLE) && defined(__AVX2__) /* gcc widens bytes one by one */
+    __m128i bytes = _mm_cvtsi64_si128(0);
+    memcpy(&bytes, b, DW);
+    __m256 wide = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
 #else
-        store8(dst + i, __builtin_convertvector(__builtin_convertvector(b, v8i), v8));
+    v8b lo;
+    memcpy(&lo, b, AL);
+    v8 wide = __builtin_convertvector(__builtin_convertvector(lo, v8i), v8);
 #endif
-    }
+    memcpy(&x, &wide, sizeof x);
+    return x;
+}
+
+/* codes src[n] -> fp32 dst[padded], zeros past n (padded: a multiple of DW). */
+INLINE void codes_row(const uint8_t *src, int64_t n, float *dst, int64_t padded) {
+    for (int64_t i = 0; i < padded; i += DW) stored(dst + i, codes_vec(src, i, n));
 }
 
 /* The codes of elements [first, first + count) of a packed section, one per byte. */
@@ -656,7 +695,7 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
     /* cf: AL rows of widened codes [AL, Dp]; vs: one token's value scales; vm: AL tokens' value mins [ngv, AL] */
     float *m = qz + R, *l = m + R, *s = l + R, *cf = s + R * tmax, *kmin = cf + AL * Dp, *kscale = kmin + Dp;
     float *lane_scale = kscale + Dp, *vs = lane_scale + Dp, *vm = vs + ngv;
-    int whole = G % AL == 0; /* every vector of a row lies in one value group */
+    int whole = G % DW == 0; /* every vector of a row lies in one value group */
     for (int64_t h = h_begin; h < h_end; h++) {
         memset(qh, 0, sizeof(float) * (size_t)(R * Dp));
         for (int64_t r = 0; r < R; r++) memcpy(qh + r * Dp, q + (h * R + r) * D, sizeof(float) * (size_t)D);
@@ -672,13 +711,13 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
                 f16_row((const uint16_t *)(p + o[0]) + (h * ng + g) * D, D, kmin, Dp);
                 f16_row((const uint16_t *)(p + o[1]) + (h * ng + g) * D, D, kscale, Dp);
                 for (int64_t r = 0; r < R; r++) {
-                    v8 z = splat8(0.0f);
-                    for (int64_t i = 0; i < Dp; i += AL) {
-                        v8 x = load8(qh + r * Dp + i);
-                        store8(qs + r * Dp + i, x * load8(kscale + i));
-                        z += x * load8(kmin + i);
+                    vd z = splatd(0.0f);
+                    for (int64_t i = 0; i < Dp; i += DW) {
+                        vd x = loadd(qh + r * Dp + i);
+                        stored(qs + r * Dp + i, x * loadd(kscale + i));
+                        z = fmad(x, loadd(kmin + i), z);
                     }
-                    qz[r] = hsum8(z);
+                    qz[r] = hsum8(fold8(z));
                 }
                 for (int64_t t = g * G, end = min64(T, t + G); t < end; t += AL) {
                     int64_t nt = min64(AL, end - t); /* scores past the group's end are written, then overwritten */
@@ -686,12 +725,17 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
                         if (j < nt) codes_row(kc + (t + j) * D, D, cf + j * Dp, Dp);
                         else memset(cf + j * Dp, 0, sizeof(float) * (size_t)Dp);
                     for (int64_t r = 0; r < R; r++) {
-                        v8 dot[AL] = {{0}};
-                        for (int64_t i = 0; i < Dp; i += AL) {
-                            v8 x = load8(qs + r * Dp + i);
-                            for (int j = 0; j < AL; j++) dot[j] += x * load8(cf + j * Dp + i);
+                        vd d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, d4 = {0}, d5 = {0}, d6 = {0}, d7 = {0};
+                        for (int64_t i = 0; i < Dp; i += DW) { /* AL named sums: an array would live on the stack */
+                            vd x = loadd(qs + r * Dp + i);
+                            const float *c = cf + i;
+                            d0 = fmad(x, loadd(c), d0), d1 = fmad(x, loadd(c + Dp), d1);
+                            d2 = fmad(x, loadd(c + 2 * Dp), d2), d3 = fmad(x, loadd(c + 3 * Dp), d3);
+                            d4 = fmad(x, loadd(c + 4 * Dp), d4), d5 = fmad(x, loadd(c + 5 * Dp), d5);
+                            d6 = fmad(x, loadd(c + 6 * Dp), d6), d7 = fmad(x, loadd(c + 7 * Dp), d7);
                         }
-                        store8(s + r * tmax + t, hsum8x8(dot) + qz[r]);
+                        v8 sums = hsum8x8(fold8(d0), fold8(d1), fold8(d2), fold8(d3), fold8(d4), fold8(d5), fold8(d6), fold8(d7));
+                        store8(s + r * tmax + t, sums + qz[r]);
                     }
                 }
             }
@@ -701,14 +745,19 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
                 if (qpos != NULL)
                     for (int64_t t = 0; t < T; t++)
                         if (starts[b] + t > qpos[r % n]) sr[t] = -__builtin_inff();
-                for (int64_t t = 0; t < T; t++) best = sr[t] > best ? sr[t] : best;
+                v8 top8 = splat8(-__builtin_inff());
+                for (int64_t t = 0; t < T; t += AL) {
+                    v8 x = select8(AL_INDEX < (int)(T - t), load8(sr + t), splat8(-__builtin_inff()));
+                    top8 = select8(x > top8, x, top8);
+                }
+                for (int j = 0; j < AL; j++) best = top8[j] > best ? top8[j] : best;
                 if (best == -__builtin_inff()) { /* this row sees nothing of the block */
                     memset(sr, 0, sizeof(float) * (size_t)((T + AL - 1) / AL * AL));
                     continue;
                 }
                 float top = best > m[r] ? best : m[r], alpha = expf(m[r] - top), sum = 0.0f;
                 if (alpha != 1.0f) {
-                    for (int64_t i = 0; i < Dp; i += AL) store8(acc + r * Dp + i, load8(acc + r * Dp + i) * alpha);
+                    for (int64_t i = 0; i < Dp; i += DW) stored(acc + r * Dp + i, loadd(acc + r * Dp + i) * alpha);
                     for (int64_t c = 0; c < ngv; c++) zsum[r * ngv + c] *= alpha;
                     l[r] *= alpha;
                 }
@@ -733,28 +782,37 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
                         memset(row, 0, sizeof(float) * (size_t)Dp);
                         continue;
                     }
-                    codes_row(vc + (t + j) * D, D, row, Dp);
+                    const uint8_t *codes = vc + (t + j) * D;
                     int64_t at = (h * T + t + j) * ngv;
                     for (int64_t c = 0; c < ngv; c++)
                         vs[c] = f16_scalar(vscale16[at + c]), vm[c * AL + j] = f16_scalar(vmin16[at + c]);
                     if (whole) { /* one scale per vector; the last group's also for the padding */
                         for (int64_t c = 0; c < ngv; c++) {
-                            v8 scale = splat8(vs[c]);
-                            for (int64_t i = c * G, end = c == ngv - 1 ? Dp : i + G; i < end; i += AL)
-                                store8(row + i, load8(row + i) * scale);
+                            vd scale = splatd(vs[c]);
+                            for (int64_t i = c * G, end = c == ngv - 1 ? Dp : i + G; i < end; i += DW)
+                                stored(row + i, codes_vec(codes, i, D) * scale);
                         }
                     } else {
                         for (int64_t d = 0; d < Dp; d++) lane_scale[d] = d < D ? vs[d / G] : 0.0f;
-                        for (int64_t i = 0; i < Dp; i += AL) store8(row + i, load8(row + i) * load8(lane_scale + i));
+                        for (int64_t i = 0; i < Dp; i += DW) stored(row + i, codes_vec(codes, i, D) * loadd(lane_scale + i));
                     }
                 }
                 for (int64_t r = 0; r < R; r++) {
                     const float *pr = s + r * tmax + t;
                     float *ar = acc + r * Dp;
-                    for (int64_t i = 0; i < Dp; i += AL) {
-                        v8 a = load8(ar + i);
-                        for (int j = 0; j < AL; j++) a += splat8(pr[j]) * load8(cf + j * Dp + i);
-                        store8(ar + i, a);
+                    int64_t i = 0;
+                    for (; i + 2 * DW <= Dp; i += 2 * DW) { /* two vectors of the row: two chains of sums */
+                        vd a0 = loadd(ar + i), a1 = loadd(ar + i + DW);
+                        for (int j = 0; j < AL; j++) {
+                            vd w = splatd(pr[j]);
+                            a0 = fmad(w, loadd(cf + j * Dp + i), a0), a1 = fmad(w, loadd(cf + j * Dp + i + DW), a1);
+                        }
+                        stored(ar + i, a0), stored(ar + i + DW, a1);
+                    }
+                    if (i < Dp) {
+                        vd a0 = loadd(ar + i);
+                        for (int j = 0; j < AL; j++) a0 = fmad(splatd(pr[j]), loadd(cf + j * Dp + i), a0);
+                        stored(ar + i, a0);
                     }
                     v8 w = load8(pr);
                     for (int64_t c = 0; c < ngv; c++) zsum[r * ngv + c] += hsum8(w * load8(vm + c * AL));

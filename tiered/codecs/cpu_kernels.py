@@ -247,60 +247,75 @@ def attend(
     """attend_reference.attend_quantized (same arguments, scale given) in one fused call for the
     "int" kinds: (out [heads, n, head_dim] fp32, lse [heads, n] fp32). Blocks are split over
     torch's thread count when there is enough to read."""
-    global _pool
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are not available: {build_error()}")
-    if fmt.kind != "int":
-        raise ValueError(f"the fused CPU attention reads int codes, not {fmt.kind}")
-    heads, n, dim = q.shape
-    rows = heads // kv_heads * n
-    # grouped: [kv_heads, rows, head_dim] fp32, scaled; row r of KV head h is query head h·group + r // n
-    grouped = (q.float().reshape(kv_heads, rows, dim) * scale).contiguous()
-    nb = len(payloads)
-    layouts = {count: fmt.layout(kv_heads, count, dim) for count in set(tokens)}  # most blocks are full
-    addresses = []
-    for i, (payload, count) in enumerate(zip(payloads, tokens)):
-        nbytes = layouts[count].nbytes
-        if not payload.is_cpu or payload.dtype != torch.uint8 or payload.numel() != nbytes or not payload.is_contiguous():
-            raise ValueError(f"payload {i} must be a contiguous CPU uint8 tensor of {nbytes} bytes")
-        addresses.append(payload.data_ptr())
-    # the block table: payload addresses [nb], tokens [nb], first positions [nb], section offsets [nb, 6]
-    table = (ctypes.c_int64 * (9 * nb))()
-    table[:nb], table[nb : 2 * nb], table[2 * nb : 3 * nb] = addresses, tokens, starts
-    if len(layouts) == 1:
-        table[3 * nb :] = layouts[tokens[0]].offsets() * nb
-    else:
-        table[3 * nb :] = [o for count in tokens for o in layouts[count].offsets()]
-    base = ctypes.addressof(table)
-    positions = None if q_positions is None else q_positions.to(torch.int64).contiguous()
-    out = torch.empty(kv_heads, rows, dim, dtype=torch.float32)  # [H, R, D]
-    lse = torch.empty(kv_heads, rows, dtype=torch.float32)  # [H, R]
-    position_ptr = 0 if positions is None else positions.data_ptr()
+    return BlockTable(fmt, payloads, tokens, starts, kv_heads, q.shape[-1]).attend(q, q_positions, scale)
 
-    def call(first: int, last: int, out: torch.Tensor, lse: torch.Tensor) -> int:
-        """Blocks [first, last) into out [H, R, D] and lse [H, R]."""
-        return lib.tiered_attend(
-            0, kv_heads, grouped.data_ptr(), position_ptr, n, rows, kv_heads, dim, last - first,
-            base + 8 * first, base + 8 * (nb + first), base + 8 * (2 * nb + first), base + 8 * (3 * nb + 6 * first),
-            fmt.bits, fmt.group, out.data_ptr(), lse.data_ptr(),
-        )
 
-    workers = min(nb, torch.get_num_threads())
-    if workers <= 1 or sum(tokens) * kv_heads * dim < ATTEND_PARALLEL_MIN_CODES:
-        outs = [torch.empty(kv_heads, rows, dim, dtype=torch.float32)]  # [H, R, D]
-        lses = [torch.empty(kv_heads, rows, dtype=torch.float32)]  # [H, R]
-        results = [call(0, nb, outs[0], lses[0])]
-    else:  # blocks split over threads, each a partial result, merged by log-sum-exp
-        with _pool_lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="tiered-codec")
-        bounds = [nb * w // workers for w in range(workers + 1)]
-        outs = [torch.empty(kv_heads, rows, dim, dtype=torch.float32) for _ in range(workers)]
-        lses = [torch.empty(kv_heads, rows, dtype=torch.float32) for _ in range(workers)]
-        futures = [_pool.submit(call, bounds[w], bounds[w + 1], outs[w], lses[w]) for w in range(workers)]
-        results = [f.result() for f in futures]
-    if any(r < 0 for r in results):
-        raise MemoryError("the CPU kernels could not allocate scratch memory")
-    out, lse = merge_partials(list(zip(outs, lses)))
-    return out.view(heads, n, dim), lse.view(heads, n)
+class BlockTable:
+    """Blocks as tiered_attend reads them: payload addresses, tokens, first positions and section
+    offsets, checked and laid out once for any number of attend calls over the same blocks (a
+    layer's blocks below the device, read at every decode step while they stay where they are).
+    Holds the payloads, so their addresses stay valid."""
+
+    def __init__(self, fmt: QuantFormat, payloads: list[torch.Tensor], tokens: list[int], starts: list[int],
+                 kv_heads: int, dim: int) -> None:
+        if _library() is None:
+            raise RuntimeError(f"the CPU kernels are not available: {build_error()}")
+        if fmt.kind != "int":
+            raise ValueError(f"the fused CPU attention reads int codes, not {fmt.kind}")
+        nb = len(payloads)
+        layouts = {count: fmt.layout(kv_heads, count, dim) for count in set(tokens)}  # most blocks are full
+        addresses = []
+        for i, (payload, count) in enumerate(zip(payloads, tokens)):
+            nbytes = layouts[count].nbytes
+            if not payload.is_cpu or payload.dtype != torch.uint8 or payload.numel() != nbytes or not payload.is_contiguous():
+                raise ValueError(f"payload {i} must be a contiguous CPU uint8 tensor of {nbytes} bytes")
+            addresses.append(payload.data_ptr())
+        # the block table: payload addresses [nb], tokens [nb], first positions [nb], section offsets [nb, 6]
+        table = (ctypes.c_int64 * (9 * nb))()
+        table[:nb], table[nb : 2 * nb], table[2 * nb : 3 * nb] = addresses, tokens, starts
+        if len(layouts) == 1:
+            table[3 * nb :] = layouts[tokens[0]].offsets() * nb
+        else:
+            table[3 * nb :] = [o for count in tokens for o in layouts[count].offsets()]
+        self.fmt, self.kv_heads, self.dim, self.tokens = fmt, kv_heads, dim, list(tokens)
+        self._codes = sum(tokens) * kv_heads * dim
+        self._payloads, self._table = payloads, table
+
+    def attend(self, q: torch.Tensor, q_positions: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of q ([heads, n, head_dim] on the CPU) over the blocks: (out [heads, n,
+        head_dim] fp32, lse [heads, n] fp32), as attend() returns them."""
+        global _pool
+        lib, fmt, kv_heads, dim, tokens = _library(), self.fmt, self.kv_heads, self.dim, self.tokens
+        heads, n, _ = q.shape
+        rows, nb, base = heads // kv_heads * n, len(tokens), ctypes.addressof(self._table)
+        # grouped: [kv_heads, rows, head_dim] fp32, scaled; row r of KV head h is query head h·group + r // n
+        grouped = (q.float().reshape(kv_heads, rows, dim) * scale).contiguous()
+        positions = None if q_positions is None else q_positions.to(torch.int64).contiguous()
+        position_ptr = 0 if positions is None else positions.data_ptr()
+
+        def call(first: int, last: int, out: torch.Tensor, lse: torch.Tensor) -> int:
+            """Blocks [first, last) into out [H, R, D] and lse [H, R]."""
+            return lib.tiered_attend(
+                0, kv_heads, grouped.data_ptr(), position_ptr, n, rows, kv_heads, dim, last - first,
+                base + 8 * first, base + 8 * (nb + first), base + 8 * (2 * nb + first), base + 8 * (3 * nb + 6 * first),
+                fmt.bits, fmt.group, out.data_ptr(), lse.data_ptr(),
+            )
+
+        workers = min(nb, torch.get_num_threads())
+        if workers <= 1 or self._codes < ATTEND_PARALLEL_MIN_CODES:
+            outs = [torch.empty(kv_heads, rows, dim, dtype=torch.float32)]  # [H, R, D]
+            lses = [torch.empty(kv_heads, rows, dtype=torch.float32)]  # [H, R]
+            results = [call(0, nb, outs[0], lses[0])]
+        else:  # blocks split over threads, each a partial result, merged by log-sum-exp
+            with _pool_lock:
+                if _pool is None:
+                    _pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="tiered-codec")
+            bounds = [nb * w // workers for w in range(workers + 1)]
+            outs = [torch.empty(kv_heads, rows, dim, dtype=torch.float32) for _ in range(workers)]
+            lses = [torch.empty(kv_heads, rows, dtype=torch.float32) for _ in range(workers)]
+            futures = [_pool.submit(call, bounds[w], bounds[w + 1], outs[w], lses[w]) for w in range(workers)]
+            results = [f.result() for f in futures]
+        if any(r < 0 for r in results):
+            raise MemoryError("the CPU kernels could not allocate scratch memory")
+        out, lse = merge_partials(list(zip(outs, lses)))
+        return out.view(heads, n, dim), lse.view(heads, n)

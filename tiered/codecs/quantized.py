@@ -186,20 +186,25 @@ class QuantizedCodec(Codec):
         starts: Sequence[int],
         q_positions: torch.Tensor | None = None,
         scale: float | None = None,
+        memo: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q ([heads, n, head_dim]) over these blocks, read from their codes without
         dequantizing them (attend_reference.py defines it); block i's first token sits at position
         starts[i]. Returns (out [heads, n, head_dim] fp32, lse [heads, n] fp32), a partial result
         for attend_reference.merge_partials. Payloads elsewhere than q are copied to q's device
         (the compact bytes cross the bus). Fused kernels: C on the CPU and Triton on CUDA for the
-        "int" kinds; the reference otherwise."""
+        "int" kinds; the reference otherwise. `memo`: a dict the caller keeps with these same
+        blocks (unchanged) and starts; the checks and the C kernel's block table are kept there."""
         if not encoded:
             raise ValueError("attend needs at least one block")
-        self._checked_batches(encoded)
         kv_heads, _, dim = encoded[0].shape
         if q.dim() != 3 or q.shape[-1] != dim or q.shape[0] % kv_heads:
             raise ValueError(f"q must be [heads, n, {dim}] with heads a multiple of {kv_heads}, got {tuple(q.shape)}")
         scale = dim**-0.5 if scale is None else scale
+        table = None if memo is None else memo.get("cpu table")
+        if table is not None and q.is_cpu:
+            return table.attend(q, q_positions, scale)
+        self._checked_batches(encoded)
         if q.is_cpu:
             payloads = [_on_cpu(item).payload for item in encoded]
         else:
@@ -208,7 +213,10 @@ class QuantizedCodec(Codec):
         if self.fmt.kind == "int" and q.device.type == "cuda" and triton_kernels.attend_supports(self.fmt, dim):
             return triton_kernels.attend(self.fmt, q, payloads, tokens, starts, kv_heads, q_positions, scale)
         if self.fmt.kind == "int" and q.device.type == "cpu" and cpu_kernels.available():
-            return cpu_kernels.attend(self.fmt, q, payloads, tokens, starts, kv_heads, q_positions, scale)
+            table = cpu_kernels.BlockTable(self.fmt, payloads, tokens, starts, kv_heads, dim)
+            if memo is not None:
+                memo["cpu table"] = table
+            return table.attend(q, q_positions, scale)
         return attend_reference.attend_quantized(self.fmt, q, payloads, tokens, starts, kv_heads, q_positions, scale)
 
     def _checked_batches(self, encoded: Sequence[Encoded]) -> list[list[int]]:
