@@ -129,13 +129,17 @@ def _device_run(placement: Placement, keys: list[BlockKey], touch: bool) -> tupl
         step = placement.tick()
         for key in keys:
             placement.touch(key, DEVICE, step)
-    total = full * (len(keys) - 1) + last[1]
-    heads, dim, run = layout.kv_heads, layout.head_dim, slice(first[0], last[0] + 1)
-    # views: [kv_heads, blocks * block_tokens, head_dim], cut to the tokens stored
-    return (
-        device.keys_pool[:, run].reshape(heads, -1, dim)[:, :total],
-        device.values_pool[:, run].reshape(heads, -1, dim)[:, :total],
-    )
+    run = _pool_run(placement, first[0], last[0], full * (len(keys) - 1) + last[1], 0)
+    return run.keys, run.values
+
+
+def _pool_run(placement: Placement, first_slot: int, last_slot: int, tokens: int, start: int) -> DenseRun:
+    """Views of device slots first_slot..last_slot joined along tokens, cut to `tokens`: the run of
+    blocks from position `start` on. keys, values: [kv_heads, tokens, head_dim]."""
+    layout, device = placement.layout, placement.device_tier
+    heads, dim, chosen = layout.kv_heads, layout.head_dim, slice(first_slot, last_slot + 1)
+    return DenseRun(device.keys_pool[:, chosen].reshape(heads, -1, dim)[:, :tokens],
+                    device.values_pool[:, chosen].reshape(heads, -1, dim)[:, :tokens], start)
 
 
 def _gather(
@@ -220,24 +224,23 @@ def read_parts(
             parts.append(_decoded_part(placement, codec, [items[j] for j in cut], [here[j] for j in cut], kept))
         placement.counters[t].read_s += time.perf_counter() - start_s
     if not touch and limit == total:
-        _keep_plan(placement, keys, parts, tiers, slots)
+        _keep_plan(placement, keys, parts, tiers, slots, total)
     return parts
 
 
-def _keep_plan(placement: Placement, keys: list[BlockKey], parts: list, tiers: list[int], slots: list[int]) -> None:
-    """Keep `parts` (read_parts' result for all of `keys`) for the next read of `keys`, when the last
-    block ends a device run that views the pool and nothing was decoded into a copy."""
+def _keep_plan(placement: Placement, keys: list[BlockKey], parts: list, tiers: list[int], slots: list[int],
+               total: int) -> None:
+    """Keep `parts` (read_parts' result for all of `keys`, `total` tokens) for the next read of
+    `keys`, when the last block ends a device run that views the pool and nothing was decoded into
+    a copy."""
     if tiers[-1] != DEVICE or any(isinstance(part, DenseRun) and part.positions is not None for part in parts):
         return
-    full = placement.layout.block_tokens
-    last = len(keys) - 1
-    ends = [i for i, part in enumerate(parts)
-            if isinstance(part, DenseRun) and part.start // full + (part.keys.shape[1] - 1) // full == last]
+    ends = [i for i, part in enumerate(parts) if isinstance(part, DenseRun) and part.start + part.keys.shape[1] == total]
     if len(ends) != 1:
         return
-    tail = parts[ends[0]]
+    first_slot = slots[parts[ends[0]].start // placement.layout.block_tokens]
     hits = sorted(Counter(tiers).items())
-    placement.read_plans[keys[-1]] = _ReadPlan(list(keys), parts, ends[0], slots[tail.start // full], slots[-1], hits)
+    placement.read_plans[keys[-1]] = _ReadPlan(list(keys), parts, ends[0], first_slot, slots[-1], hits)
 
 
 def _planned(placement: Placement, keys: list[BlockKey], limit_tokens: int | None) -> list | None:
@@ -245,19 +248,14 @@ def _planned(placement: Placement, keys: list[BlockKey], limit_tokens: int | Non
     plan = placement.read_plans.get(keys[-1])
     if plan is None or plan.keys != keys:
         return None
-    layout, device = placement.layout, placement.device_tier
-    full, last_tokens = layout.block_tokens, device.slot_table[keys[-1]][1]
-    total = full * (len(keys) - 1) + last_tokens
+    total = placement.layout.block_tokens * (len(keys) - 1) + placement.device_tier.slot_table[keys[-1]][1]
     if limit_tokens is not None and limit_tokens < total:
         return None
     for t, count in plan.hits:
         placement.counters[t].hits += count
-    tail = plan.parts[plan.tail]
-    heads, dim, chosen = layout.kv_heads, layout.head_dim, slice(plan.first_slot, plan.last_slot + 1)
+    start = plan.parts[plan.tail].start
     parts = list(plan.parts)
-    # views: [kv_heads, blocks · block_tokens, head_dim], cut to the tokens stored
-    parts[plan.tail] = DenseRun(device.keys_pool[:, chosen].reshape(heads, -1, dim)[:, : total - tail.start],
-                                device.values_pool[:, chosen].reshape(heads, -1, dim)[:, : total - tail.start], tail.start)
+    parts[plan.tail] = _pool_run(placement, plan.first_slot, plan.last_slot, total - start, start)
     return parts
 
 
@@ -293,14 +291,8 @@ def _device_parts(placement: Placement, rows: list[int], slots: list[int], kept:
     heads, dim, full = layout.kv_heads, layout.head_dim, layout.block_tokens
     runs = _slot_runs(rows, slots, lambda i: kept[i] == full)
     if len(runs) <= VIEW_RUNS:
-        parts = []
-        for run in runs:
-            chosen = slice(slots[run[0]], slots[run[-1]] + 1)
-            total = full * (len(run) - 1) + kept[run[-1]]
-            # views: [kv_heads, blocks · block_tokens, head_dim], cut to the tokens read
-            parts.append(DenseRun(device.keys_pool[:, chosen].reshape(heads, -1, dim)[:, :total],
-                                  device.values_pool[:, chosen].reshape(heads, -1, dim)[:, :total], run[0] * full))
-        return parts
+        return [_pool_run(placement, slots[run[0]], slots[run[-1]], full * (len(run) - 1) + kept[run[-1]], run[0] * full)
+                for run in runs]
     chosen = torch.tensor([slots[i] for i in rows], device=placement.device)
     gathered_keys = device.keys_pool.index_select(1, chosen).view(heads, -1, dim)  # [kv_heads, blocks · block_tokens, head_dim]
     gathered_values = device.values_pool.index_select(1, chosen).view(heads, -1, dim)
