@@ -8,7 +8,14 @@ the same greedy continuation. Set-ups:
     device     ours, every block on the device tier (exact)
     hf         transformers LlamaForCausalLM with DynamicCache, loaded from the same GGUF
     tiered25   ours exact, 25% of the KV on the device tier, the rest in the host tier (int8)
-    sparse12   ours sparse, quest, a budget of 12.5% of the context, in 16-token blocks (Quest's pages)
+    sparse12   ours sparse, quest, a budget of 12.5% of the context, 16-token pages (Quest's) in the
+               store's default 64-token blocks, every block on the device
+    tiered10   ours exact, 10% of the KV on the device, 20% in the host tier (int8), 70% in the disk
+               tier (int8, a fresh temporary directory; its files in the page cache, as just written)
+    sparse12low  sparse12 with 25% of the KV on the device and the rest in the host tier (int8),
+               `next-layer` prefetch bringing the next layer's chosen blocks up; prints the stall
+               (reads waiting for a move, plus decoding host blocks in the step) as a share of the
+               decode time, and the prefetch precision (moved blocks read before they left)
 
 The memory-bandwidth floor of a decode step is (bytes of weights + bytes of KV read per token)
 divided by the bandwidth of a large tensor.copy_ measured in the same run.
@@ -29,8 +36,11 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import shutil
 import statistics
+import tempfile
 import time
+from dataclasses import replace
 from importlib import resources
 
 import torch
@@ -79,13 +89,22 @@ def fill_session(session: Session, cache: DenseKV, ids: list[int], last_logits: 
 
 
 def time_ours(model, cache, ids, last_logits, steps: int, config: StoreConfig, **options) -> tuple[float, list[int], dict]:
+    """Decode tokens/s, the tokens, and the store's stall over the timed steps: stall_share (reads
+    waiting for moves plus lower tiers' decoding, over the elapsed time) and prefetch precision."""
     with Session(model, config, **options) as session:
         fill_session(session, cache, ids, last_logits)
         session.generate(2, stop=[])  # warm up
+        before = session.store.stats()
         start = time.perf_counter()
         tokens = session.generate(steps, stop=[])
         elapsed = time.perf_counter() - start
-        return steps / elapsed, tokens, session.stats()
+        after = session.store.stats()
+        stall_s = after["stall_s"] - before["stall_s"] + sum(
+            after["tiers"][name]["read_s"] - before["tiers"][name]["read_s"] for name in after["tiers"] if name != "device")
+        moved = after["prefetch"]["moved_blocks"] - before["prefetch"]["moved_blocks"]
+        used = after["prefetch"]["used_blocks"] - before["prefetch"]["used_blocks"]
+        return steps / elapsed, tokens, dict(store=after, stall_share=stall_s / elapsed,
+                                             precision=used / moved if moved else None, moved=moved)
 
 
 def time_transformers(hf, cache, ids, last_logits, steps: int) -> tuple[float, list[int]]:
@@ -144,8 +163,8 @@ def main() -> None:
     parser.add_argument("--ppl-context", type=int, default=2048)
     parser.add_argument("--ppl-tokens", type=int, default=256)
     parser.add_argument("--runs", type=int, default=1, help="timings per set-up; the median is printed")
-    parser.add_argument("--setups", nargs="+", default=["device", "tiered25", "sparse12"],
-                        choices=["device", "tiered25", "sparse12"])
+    parser.add_argument("--setups", nargs="+", default=["device", "tiered25", "tiered10", "sparse12", "sparse12low"],
+                        choices=["device", "tiered25", "tiered10", "sparse12", "sparse12low"])
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -163,31 +182,47 @@ def main() -> None:
         floor = bandwidth / (weight_bytes(model) + kv_bytes(model, length))
         hf_rate, hf_tokens = time_transformers(hf, cache, ids, last_logits, args.steps)
         kv_total = kv_bytes(model, length + 64 * model.config.num_layers)
+        sparse = dict(mode="sparse", budget_tokens=length // 8, importance="quest")
         setups = {
             "device": (store_config(model, 2 * kv_total, 64 << 20, "raw"), {}),
             "tiered25": (store_config(model, kv_total // 4, kv_total, codec), {}),
-            "sparse12": (store_config(model, 2 * kv_total, 64 << 20, "raw", SPARSE_BLOCK_TOKENS),
-                         dict(mode="sparse", budget_tokens=length // 8, importance="quest")),
+            "tiered10": (replace(store_config(model, kv_total // 10, kv_total // 5, codec), disk_bytes=2 * kv_total,
+                                 disk_codec=codec), {}),
+            "sparse12": (store_config(model, 2 * kv_total, 64 << 20, "raw"), sparse),
+            "sparse12low": (store_config(model, kv_total // 4, kv_total, codec), dict(sparse, prefetch="next-layer")),
         }
         print(f"{length:>7} {'hf':>9} {hf_rate:>7.2f} {1.0:>6.2f} {floor:>11.2f} {hf_rate / floor:>8.2f}")
         rates: dict[str, list[float]] = {}
         for run in range(args.runs):  # set-ups interleaved, so a change of load hits each alike
             for name in args.setups:
                 config, options = setups[name]
-                rate, tokens, stats = time_ours(model, cache, ids, last_logits, args.steps, config, **options)
+                disk_dir = tempfile.mkdtemp(prefix="bench-decode-") if name == "tiered10" else None
+                try:
+                    rate, tokens, stats = time_ours(model, cache, ids, last_logits, args.steps,
+                                                    replace(config, disk_dir=disk_dir), **options)
+                finally:
+                    if disk_dir is not None:
+                        shutil.rmtree(disk_dir)
                 rates.setdefault(name, []).append(rate)
                 same = sum(a == b for a, b in zip(tokens, hf_tokens))
                 print(f"{length:>7} {name:>9} {rate:>7.2f} {rate / hf_rate:>6.2f} {floor:>11.2f} {rate / floor:>8.2f}  "
                       f"{same}/{args.steps}" + (f"  (host {codec}: {stats['store']['tiers']['host']['blocks']} blocks)"
-                                               if name == "tiered25" else "") + (f"  run {run + 1}" if args.runs > 1 else ""))
+                                               if name in ("tiered25", "sparse12low") else "")
+                      + (f"  (host {stats['store']['tiers']['host']['blocks']}, disk {stats['store']['tiers']['disk']['blocks']}"
+                         " blocks)" if name == "tiered10" else "")
+                      + (f"  stall {stats['stall_share']:.1%} of the time, prefetch precision "
+                         + (f"{stats['precision']:.2f} of {stats['moved']} moved" if stats["moved"] else "- (none moved)")
+                         if name == "sparse12low" else "")
+                      + (f"  run {run + 1}" if args.runs > 1 else ""))
         if args.runs > 1:
             for name, values in rates.items():
                 print(f"{length:>7} {name:>9} median {statistics.median(values):.2f} tok/s, "
                       f"range {min(values):.2f}-{max(values):.2f} over {len(values)} runs")
-            if "device" in rates and "tiered25" in rates:
-                ratios = [t / d for t, d in zip(rates["tiered25"], rates["device"])]
-                print(f"{length:>7} tiered25/device median {statistics.median(ratios):.2f}x, "
-                      f"range {min(ratios):.2f}-{max(ratios):.2f}")
+            for name in ("tiered25", "tiered10", "sparse12", "sparse12low"):
+                if "device" in rates and name in rates:
+                    ratios = [t / d for t, d in zip(rates[name], rates["device"])]
+                    print(f"{length:>7} {name}/device median {statistics.median(ratios):.2f}x, "
+                          f"range {min(ratios):.2f}-{max(ratios):.2f}")
         del cache
     if args.ppl_tokens <= 0:
         return

@@ -75,6 +75,79 @@ def read_joined(placement: Placement, keys: list[BlockKey], touch: bool) -> tupl
     return _gather(placement, keys, tiers, slots, total)
 
 
+def read_pages(
+    placement: Placement, keys: list[BlockKey], blocks: list[int], pages: torch.Tensor, page_tokens: int, tokens: int,
+    touch: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen pages of a sequence's blocks `keys` (block i holds its tokens from i · block_tokens
+    on; a page is `page_tokens` of them), per KV head: keys and values [kv_heads, read, head_dim],
+    new tensors, page after page in the order `pages` lists them.
+
+    pages: [kv_heads, kept] int64, the pages each KV head reads; `blocks` the blocks they lie in,
+    ascending; `tokens` the sequence's length: a partial newest page must come last for every
+    head, and is cut (read = kept · page_tokens less what that page lacks). When every block of
+    `keys` is on the device the pages are copied straight out of the pool; otherwise `blocks` are
+    gathered as read_joined gathers them (lower tiers decoded, nothing moved) and the pages taken
+    from that. Hits and touches are counted for `blocks` alone."""
+    slots = _device_slots(placement, keys)
+    chosen = [keys[i] for i in blocks]
+    if slots is not None:
+        _count_device_read(placement, chosen, touch)
+        device = placement.device_tier
+        source_keys, source_values = device.keys_pool, device.values_pool  # [kv_heads, slots, block_tokens, head_dim]
+        block_rows = slots.to(pages.device)  # the pool slot of each block of `keys`
+    else:  # where the chosen blocks are: in the pool too, or gathered (decoded) into a copy
+        tiers, chosen_slots, _, _ = _locate(placement, chosen, touch)
+        block_rows = torch.zeros(len(keys), dtype=torch.int64)
+        if max(tiers) == DEVICE:
+            device = placement.device_tier
+            source_keys, source_values = device.keys_pool, device.values_pool
+            block_rows[blocks] = torch.tensor(chosen_slots)
+        else:  # [kv_heads, blocks, block_tokens, head_dim] each
+            source_keys, source_values = _gather_blocks(placement, chosen, tiers, chosen_slots)
+            block_rows[blocks] = torch.arange(len(blocks))
+        block_rows = block_rows.to(pages.device)
+    per_block = placement.layout.block_tokens // page_tokens
+    heads, sources, _, dim = source_keys.shape
+    # the row of each chosen page in a source seen as [kv_heads · sources · per_block, page_tokens, head_dim]
+    head_rows = torch.arange(heads, device=pages.device)[:, None] * (sources * per_block)  # [kv_heads, 1]
+    rows = (head_rows + block_rows[pages // per_block] * per_block + pages % per_block).view(-1)  # [kv_heads · kept]
+    read = pages.shape[1] * page_tokens - (-tokens % page_tokens)
+    keys_out, values_out = (
+        source.view(-1, page_tokens, dim).index_select(0, rows).view(heads, -1, dim)[:, :read]
+        for source in (source_keys, source_values)
+    )
+    return keys_out, values_out
+
+
+def _device_slots(placement: Placement, keys: list[BlockKey]) -> torch.Tensor | None:
+    """The device slot of each of `keys` ([blocks] int64), when every one is on the device and full
+    but the last; else None. Kept in Placement.read_plans while no block moves."""
+    memo = placement.read_plans.get(("slots", keys[-1]))
+    if memo is not None and memo[0] == keys:
+        return memo[1]
+    if placement.layout is None:
+        return None
+    lookup, full = placement.device_tier.slot_table.get, placement.layout.block_tokens
+    entries = [lookup(key) for key in keys]
+    if any(entry is None for entry in entries) or any(entry[1] != full for entry in entries[:-1]):
+        return None
+    slots = torch.tensor([entry[0] for entry in entries], dtype=torch.int64)
+    placement.read_plans[("slots", keys[-1])] = (list(keys), slots)
+    return slots
+
+
+def _count_device_read(placement: Placement, keys: list[BlockKey], touch: bool) -> None:
+    """Count a read of `keys`, all on the device: hits, prefetched blocks read, and with `touch` an access."""
+    placement.counters[DEVICE].hits += len(keys)
+    if placement.moved_unread:
+        placement.note_read(keys)
+    if touch:
+        step = placement.tick()
+        for key in keys:
+            placement.touch(key, DEVICE, step)
+
+
 def _locate(placement: Placement, keys: list[BlockKey], touch: bool) -> tuple[list[int], list[int], list[int], int]:
     """Where `keys` are: (tier of each, device slot of each or -1, tokens of each, tokens in all).
     Counts each read as a hit of its tier and, with `touch`, as an access. KeyError for a key not
@@ -122,13 +195,7 @@ def _device_run(placement: Placement, keys: list[BlockKey], touch: bool) -> tupl
         entry = lookup(key)
         if entry is None or entry[0] != first[0] + offset or entry[1] != full:
             return None
-    placement.counters[DEVICE].hits += len(keys)
-    if placement.moved_unread:
-        placement.note_read(keys)
-    if touch:
-        step = placement.tick()
-        for key in keys:
-            placement.touch(key, DEVICE, step)
+    _count_device_read(placement, keys, touch)
     run = _pool_run(placement, first[0], last[0], full * (len(keys) - 1) + last[1], 0)
     return run.keys, run.values
 
@@ -145,13 +212,23 @@ def _pool_run(placement: Placement, first_slot: int, last_slot: int, tokens: int
 def _gather(
     placement: Placement, keys: list[BlockKey], tiers: list[int], slots: list[int], total: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`keys` (at `tiers`, device `slots`) gathered into new tensors joined along tokens and cut
+    to `total`: [kv_heads, total, head_dim] each."""
+    heads, dim = placement.layout.kv_heads, placement.layout.head_dim
+    gathered_keys, gathered_values = _gather_blocks(placement, keys, tiers, slots)
+    return gathered_keys.view(heads, -1, dim)[:, :total], gathered_values.view(heads, -1, dim)[:, :total]
+
+
+def _gather_blocks(
+    placement: Placement, keys: list[BlockKey], tiers: list[int], slots: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`keys` gathered whole into new tensors, [kv_heads, blocks, block_tokens, head_dim] each:
+    device blocks copied out of the pool, lower tiers' decoded in place (a block's unheld tokens
+    are left as they are)."""
     layout, device, target = placement.layout, placement.device_tier, placement.device
-    heads, dim = layout.kv_heads, layout.head_dim
     if DEVICE == max(tiers):  # every block on the device: one gather, no staging copy
         chosen = torch.tensor(slots, device=target)
-        gathered_keys = device.keys_pool.index_select(1, chosen)  # [kv_heads, blocks, block_tokens, head_dim]
-        gathered_values = device.values_pool.index_select(1, chosen)
-        return gathered_keys.view(heads, -1, dim)[:, :total], gathered_values.view(heads, -1, dim)[:, :total]
+        return device.keys_pool.index_select(1, chosen), device.values_pool.index_select(1, chosen)
     shape = (layout.kv_heads, len(keys), layout.block_tokens, layout.head_dim)
     # gathered keys, values: [kv_heads, blocks, block_tokens, head_dim]
     out_keys = torch.empty(shape, dtype=layout.dtype, device=target)
@@ -173,7 +250,7 @@ def _gather(
         rows = [i for i, tier in enumerate(tiers) if tier == t]
         placement.codecs[t].decode_rows_into(_items(placement, t, [keys[i] for i in rows]), out_keys, out_values, rows)
         placement.counters[t].read_s += time.perf_counter() - start_s
-    return out_keys.view(heads, -1, dim)[:, :total], out_values.view(heads, -1, dim)[:, :total]
+    return out_keys, out_values
 
 
 def read_parts(

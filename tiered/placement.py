@@ -35,15 +35,16 @@ class NoRoom(RuntimeError):
     """A tier cannot make room without moving a block that may not move."""
 
 
-class ReadPins:
-    """The blocks of the reads in progress, one frozenset per read (with the reading thread): reads
-    are few and each holds many keys, so pinning a read costs one set build, not a loop over keys."""
+class Pins:
+    """Blocks held by work in progress (reads, or sessions computing), one frozenset per holder
+    with the holder's thread: holders are few and each holds many keys, so a pin costs one set
+    build, not a loop over keys."""
 
     def __init__(self) -> None:
         self._reads: list[tuple[int, frozenset[BlockKey]]] = []  # (thread ident, keys)
 
     def add(self, keys: Iterable[BlockKey]) -> tuple[int, frozenset[BlockKey]]:
-        """Pin `keys` for one read of this thread; pass what this returns to `discard` when it ends."""
+        """Pin `keys` for one holder in this thread; pass what this returns to `discard` when it ends."""
         pinned = (threading.get_ident(), frozenset(keys))
         self._reads.append(pinned)
         return pinned
@@ -92,8 +93,8 @@ class Placement:
         self.persistent = len(tiers) - 1 if persistent else None
         self.persisted: set[BlockKey] = set()
         self.refs: Counter[BlockKey] = Counter()  # readers (sessions) of each block; see TieredStore.retain
-        self.pinned: Counter[BlockKey] = Counter()  # blocks of sessions computing now; see TieredStore.pinning
-        self.reading = ReadPins()  # blocks under read now: they do not move
+        self.pinned = Pins()  # blocks of sessions computing now: the last to leave (TieredStore.pinning)
+        self.reading = Pins()  # blocks under read now: they do not move
         self.link_bytes: Counter[str] = Counter()  # bytes moved per tier link, e.g. "host->device"
         # prefetch precision: blocks a prefetch moved up, until read (used) or moved out unread (wasted)
         self.moved_unread: set[BlockKey] = set()
@@ -322,7 +323,7 @@ class Placement:
         for key in islice(candidates, VICTIM_SCAN):
             if not self.refs[key]:
                 return key
-            rank = 1 if self.pinned[key] else 0  # a session computing with it: the last to leave
+            rank = 1 if key in self.pinned else 0  # a session computing with it: the last to leave
             fallback[rank] = key if fallback[rank] is None else fallback[rank]
         return fallback[0] if fallback[0] is not None else fallback[1]
 

@@ -36,7 +36,7 @@ from .content import is_content_key
 from .counters import StoreCounters
 from .device import DeviceTier
 from .disk import DiskTier
-from .gather import DenseRun, EncodedRun, read_joined, read_parts
+from .gather import DenseRun, EncodedRun, read_joined, read_pages, read_parts
 from .host import HostTier
 from .placement import DEVICE, NoRoom, Placement
 from .scheduler import MOVED, SKIPPED, UP, Priority, Scheduler
@@ -235,6 +235,36 @@ class TieredStore:
                 self._place.reading.discard(pinned)
                 self._unread.notify_all()
 
+    def read_pages(
+        self, keys: Sequence[BlockKey], pages: torch.Tensor, page_tokens: int, tokens: int, touch: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen pages of one sequence's blocks of a layer, `keys` in order, per KV head: keys and
+        values [kv_heads, read, head_dim], new tensors on the store's device (a sparse step's read).
+
+        A page is `page_tokens` consecutive tokens (dividing block_tokens); pages [kv_heads, kept]
+        int64 are the pages each KV head reads, `tokens` the sequence's length. A partial newest
+        page must be every head's last, and is cut (read = kept · page_tokens less what it lacks).
+        Pages on the device are copied straight out of the pool, others decoded where they lie;
+        only the blocks the pages lie in are read (waited for, counted as hits, with `touch` as
+        accesses). KeyError for a block not stored; ValueError for pages outside the sequence."""
+        keys = _checked_keys(keys)
+        if self.config.block_tokens % page_tokens:
+            raise ValueError(f"page_tokens must divide block_tokens={self.config.block_tokens}, got {page_tokens}")
+        held = -(-tokens // page_tokens)
+        if not 0 < tokens <= len(keys) * self.config.block_tokens:
+            raise ValueError(f"{len(keys)} blocks cannot hold a sequence of {tokens} tokens")
+        if pages.dim() != 2 or pages.dtype != torch.int64 or pages.numel() == 0:
+            raise ValueError(f"pages must be a non-empty [kv_heads, kept] int64 tensor, got {pages.dtype} {tuple(pages.shape)}")
+        if int(pages.min()) < 0 or int(pages.max()) >= held:
+            raise ValueError(f"pages must lie in 0..{held - 1}, the pages of {tokens} tokens")
+        if tokens % page_tokens and not bool((pages[:, -1] == held - 1).all()):
+            raise ValueError("the partial newest page must be the last page of every head")
+        blocks = torch.unique(pages // (self.config.block_tokens // page_tokens)).tolist()  # ascending
+        self._scheduler.wait_for([keys[i] for i in blocks])
+        with self._lock:
+            self._check_open()
+            return read_pages(self._place, keys, blocks, pages, page_tokens, tokens, touch)
+
     @contextmanager
     def reading_parts(
         self, keys: Sequence[BlockKey], touch: bool = False, limit_tokens: int | None = None
@@ -310,14 +340,13 @@ class TieredStore:
     def pinning(self, keys: Iterable[BlockKey]) -> Iterator[None]:
         """Inside the `with`, blocks of `keys` are the last to leave the store: a computation that
         reads them (a session's forward) does not push out what it is about to read."""
-        keys = list(keys)
         with self._lock:
-            self._place.pinned.update(keys)
+            pinned = self._place.pinned.add(keys)
         try:
             yield
         finally:
             with self._lock:
-                _count_down(self._place.pinned, keys)
+                self._place.pinned.discard(pinned)
 
     def references(self, key: BlockKey) -> int:
         """Readers of `key` (retains not yet released)."""

@@ -23,11 +23,14 @@ class EvictionPolicy(ABC):
     and changes nothing: the store decides how many to take.
 
     A variant states only `priority` (lower leaves first). A variant whose priority never
-    decreases over the clock declares `monotone = True` and is kept in a plain ordered dict.
+    decreases over the clock declares `monotone = True` and is kept in a plain ordered dict; a
+    block that arrives below the newest priority (a renamed block keeps its old one) waits in a
+    small sorted list beside it until it is read again.
     A variant whose priority is a tuple (group, ...) that never decreases within a group (LFU:
     (hits, last use)) declares `grouped = True` and is kept in one ordered dict per group, the
-    groups in a heap. If a priority ever arrives out of order, the policy falls back to
-    one sorted list of every block. The order is the same either way: by priority, ties by arrival.
+    groups in a heap. If a grouped priority ever arrives out of order, the policy falls back to
+    one sorted list of every block, as a variant that is neither keeps from the start. The order
+    is the same either way: by priority, ties by arrival.
     """
 
     monotone: ClassVar[bool] = False
@@ -37,6 +40,9 @@ class EvictionPolicy(ABC):
     _entries: dict[Hashable, tuple[Any, int]] = field(init=False, repr=False, default_factory=OrderedDict)
     _sorted: SortedList | None = field(init=False, repr=False, default=None)
     _top: Any = field(init=False, repr=False, default=None)
+    # monotone: (priority, seq, key) of the blocks that arrived below _top, and their keys
+    _late: SortedList = field(init=False, repr=False, default_factory=SortedList)
+    _late_keys: set = field(init=False, repr=False, default_factory=set)
     _seq: int = field(init=False, repr=False, default=0)
     _groups: dict[Any, OrderedDict] = field(init=False, repr=False, default_factory=dict)  # group -> keys, in order
     _group_top: dict[Any, Any] = field(init=False, repr=False, default_factory=dict)  # group -> its last priority, or None
@@ -78,6 +84,10 @@ class EvictionPolicy(ABC):
             return (key for _, _, key in self._sorted)
         if self.grouped:
             return self._grouped_candidates()
+        if self._late_keys:
+            late = self._late_keys
+            in_order = ((p, s, k) for k, (p, s) in self._entries.items() if k not in late)
+            return (key for _, _, key in heapq.merge(in_order, self._late))
         return iter(self._entries)
 
     def _grouped_candidates(self) -> Iterator[Hashable]:
@@ -100,6 +110,9 @@ class EvictionPolicy(ABC):
             return
         if self._sorted is not None:
             self._sorted.remove((entry[0], entry[1], key))
+        elif key in self._late_keys:
+            self._late_keys.discard(key)
+            self._late.remove((entry[0], entry[1], key))
         elif self.grouped:
             group = entry[0][0]
             members = self._groups[group]
@@ -110,9 +123,13 @@ class EvictionPolicy(ABC):
 
     def _add(self, key: Hashable, priority: Any) -> None:
         self._seq += 1
-        if self._sorted is None and self.monotone and (self._top is None or priority >= self._top):
-            self._top = priority
+        if self._sorted is None and self.monotone:
             self._entries[key] = (priority, self._seq)
+            if self._top is None or priority >= self._top:
+                self._top = priority
+            else:
+                self._late.add((priority, self._seq, key))
+                self._late_keys.add(key)
             return
         if self._sorted is None and self.grouped:
             group = priority[0]

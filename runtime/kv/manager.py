@@ -285,9 +285,9 @@ class KVManager:
 
     def _attend_sparse(self, layer: int, q: Tensor, positions: Tensor) -> Tensor:
         keys = self.block_keys[layer]
-        out, read, wanted, page_scores = self.sparse.attend(self.store, layer, keys, self.lengths[layer], q, positions)
+        out, read, wanted, scores = self.sparse.attend(self.store, layer, keys, self.lengths[layer], q, positions)
         if self._score_store:
-            for key, score in zip(keys, self.sparse.block_scores(page_scores, len(keys)).tolist()):
+            for key, score in zip(keys, self.sparse.block_scores(layer, scores, len(keys)).tolist()):
                 self.store.set_score(key, score)
         wanted_keys = [self.block_keys[lay][i] for lay, i in wanted if i < len(self.block_keys[lay])]
         if wanted_keys:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from policies import PrefetchView, make_importance, make_prefetch
 from policies.importance import select_per_head
+from policies.prefetch.none import NoPrefetch
 from tiered import BlockKey, TieredStore
 from tiered.checked import NonNegative, checked
 
@@ -74,6 +75,7 @@ class SparseAttention:
                 f"importance {importance!r} needs the attention it is to predict: use it in `tiered experiment`"
             )
         self.prefetch_policy = make_prefetch(prefetch)
+        self.plans_prefetch = not isinstance(self.prefetch_policy, NoPrefetch)  # "none" plans nothing: not asked
 
     def add(self, layer: int, start: int, keys: Tensor) -> None:
         """Summarize the keys of tokens start.. of `layer`: [kv_heads, n, head_dim]."""
@@ -93,45 +95,37 @@ class SparseAttention:
         """One decode step of `layer` over its `tokens` tokens in blocks `keys`.
 
         q: [heads, 1, head_dim]. Returns the output [heads, 1, head_dim], the tokens each KV head
-        read, the (layer, block index) pairs the prefetch policy wants up next, and the page
-        scores [pages] (for an importance-driven eviction policy).
+        read, the (layer, block index) pairs the prefetch policy wants up next, and the estimator's
+        scores [kv_heads, pages] (page_scores turns them into one per page).
         """
         estimator, page = self.estimators[layer], self.page_tokens
         pages = -(-tokens // page)
         query = q[:, 0]  # [heads, head_dim]
         key_min, key_max = self.summaries[layer].bounds(pages)  # each [pages, kv_heads, head_dim]
-        scores = estimator.score(query, key_min, key_max).cpu()  # [kv_heads, pages]
+        scores = estimator.score(query, key_min, key_max)  # [kv_heads, pages]
         keep = select_per_head(
             scores, budget_blocks=self.budget_pages, sink_blocks=self.sink_pages, window_blocks=self.window_pages
-        )  # [kv_heads, kept], ascending
-        kv_heads, kept = keep.shape
-        per_block = self.block_tokens // page
-        blocks = torch.unique(keep // per_block)  # ascending
-        rank = torch.empty(len(keys), dtype=torch.int64)
-        rank[blocks] = torch.arange(blocks.numel())
-        offsets = torch.arange(page)
-        # where each kept page's tokens sit in the joined read, and their positions: [kv_heads, kept * page]
-        index = (rank[keep // per_block] * self.block_tokens + (keep % per_block) * page)[..., None] + offsets
-        index = index.reshape(kv_heads, -1)
-        key_positions = (keep[..., None] * page + offsets).reshape(kv_heads, -1)
-        read = kept * page - (pages * page - tokens)  # the newest page, kept by every head, may be partial
-        index, key_positions = index[:, :read].to(q.device), key_positions[:, :read]
-        with store.reading([keys[i] for i in blocks.tolist()], touch=True) as (joined_keys, joined_values):
-            gather = index[..., None].expand(-1, -1, self.head_dim)
-            chosen_keys = joined_keys.gather(1, gather)  # [kv_heads, read, head_dim]
-            chosen_values = joined_values.gather(1, gather)
-            out, weights = grouped_attention(q, chosen_keys, chosen_values, positions, return_weights=estimator.stateful)
+        )  # [kv_heads, kept], ascending: the newest page, in every head's window, comes last
+        # the kept pages' keys and values: [kv_heads, read, head_dim] each
+        chosen_keys, chosen_values = store.read_pages(keys, keep, page, tokens, touch=True)
+        out, weights = grouped_attention(q, chosen_keys, chosen_values, positions, return_weights=estimator.stateful)
+        read = chosen_keys.shape[1]
         if estimator.stateful:
-            group = q.shape[0] // kv_heads
+            kv_heads, group = keep.shape[0], q.shape[0] // keep.shape[0]
+            key_positions = (keep.cpu()[..., None] * page + torch.arange(page)).reshape(kv_heads, -1)[:, :read]
             full = torch.zeros(q.shape[0], tokens, dtype=torch.float32)  # [heads, tokens]
             full.scatter_(1, key_positions.repeat_interleave(group, 0), weights[:, 0].float().cpu())
             estimator.update(query.float().cpu(), full)
-        page_scores = estimator.block_scores(scores)  # [pages]
-        wanted = self._plan_prefetch(layer, query, page_scores, pages)
-        return out, read, wanted, page_scores
+        wanted = self._plan_prefetch(layer, query, scores, pages) if self.plans_prefetch else []
+        return out, read, wanted, scores
 
-    def block_scores(self, page_scores: Tensor, blocks: int) -> Tensor:
-        """The best page score of each block: [blocks]."""
+    def page_scores(self, layer: int, scores: Tensor) -> Tensor:
+        """One score per page ([pages]) from attend's `scores` of `layer`: the estimator's ranking."""
+        return self.estimators[layer].block_scores(scores)
+
+    def block_scores(self, layer: int, scores: Tensor, blocks: int) -> Tensor:
+        """The best page score of each block ([blocks]) from attend's `scores` of `layer`."""
+        page_scores = self.page_scores(layer, scores).cpu()  # [pages]
         per_block = self.block_tokens // self.page_tokens
         padded = page_scores.new_full((blocks * per_block,), float("-inf"))
         padded[: page_scores.numel()] = page_scores
@@ -151,11 +145,11 @@ class SparseAttention:
             key_max = torch.cat([key_max, key_max[-1:].expand(pages - held, -1, -1)])
         return key_min, key_max
 
-    def _plan_prefetch(self, layer: int, query: Tensor, page_scores: Tensor, pages: int) -> list[tuple[int, int]]:
+    def _plan_prefetch(self, layer: int, query: Tensor, scores: Tensor, pages: int) -> list[tuple[int, int]]:
         bounds = self._next_bounds(layer, pages)
         view = PrefetchView(
             layer=layer, layers=self.layers, blocks=pages, query=query.float().cpu(),
-            next_key_min=bounds[0], next_key_max=bounds[1], block_scores=page_scores,
+            next_key_min=bounds[0], next_key_max=bounds[1], block_scores=self.page_scores(layer, scores).cpu(),
             budget_blocks=self.budget_pages, sink_blocks=self.sink_pages, window_blocks=self.window_pages,
             scale=self.head_dim**-0.5,
         )

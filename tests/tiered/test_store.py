@@ -255,3 +255,21 @@ def test_cuda_round_trip_with_pinned_host_tier():
             got = store.get(key)
             assert got.device.type == "cuda"
             assert got.equal(original)
+
+
+def test_blocks_of_a_computing_session_leave_the_store_last_until_every_pin_ends():
+    """Out of the bottom tier, referenced blocks go before pinned ones (pinning: a session is
+    computing with them), whatever the eviction order; nested pins of a block hold until both end."""
+    with TieredStore(small_config(device_blocks=1, host_blocks=2)) as store:
+        keys = [BlockKey("s", 0, i) for i in range(3)]
+        store.retain(keys + [BlockKey("s", 0, 3), BlockKey("s", 0, 4)])  # every block has a reader
+        for i, k in enumerate(keys):
+            store.put(k, block(seed=i))
+        with store.pinning(keys[:1]):  # the least recently used block, pinned twice
+            with store.pinning(keys[:1]):
+                store.put(BlockKey("s", 0, 3), block(seed=3))  # the host holds 0 and 1: 1 leaves
+            assert keys[0] in store and keys[1] not in store
+            store.put(BlockKey("s", 0, 4), block(seed=4))  # keys[0] still pinned by the outer pin: 2 leaves
+            assert keys[0] in store and keys[2] not in store
+        store.put(BlockKey("s", 0, 5), block(seed=5))  # no pin left: the least recently used leaves
+        assert keys[0] not in store
