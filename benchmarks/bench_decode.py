@@ -8,14 +8,16 @@ the same greedy continuation. Set-ups:
     device     ours, every block on the device tier (exact)
     hf         transformers LlamaForCausalLM with DynamicCache, loaded from the same GGUF
     tiered25   ours exact, 25% of the KV on the device tier, the rest in the host tier (int8)
+    tiered10   ours exact, 10% of the KV's blocks on the device, 20% in the host tier (int8), the
+               other 70% in the disk tier (int8, a fresh temporary directory whose files are in
+               the page cache, as just written)
     sparse12   ours sparse, quest, a budget of 12.5% of the context, 16-token pages (Quest's) in the
                store's default 64-token blocks, every block on the device
-    tiered10   ours exact, 10% of the KV on the device, 20% in the host tier (int8), 70% in the disk
-               tier (int8, a fresh temporary directory; its files in the page cache, as just written)
     sparse12low  sparse12 with 25% of the KV on the device and the rest in the host tier (int8),
-               `next-layer` prefetch bringing the next layer's chosen blocks up; prints the stall
-               (reads waiting for a move, plus decoding host blocks in the step) as a share of the
-               decode time, and the prefetch precision (moved blocks read before they left)
+               `next-layer` prefetch (or --low-prefetch) bringing the next layer's chosen blocks
+               up; prints the stall (reads waiting for a move, plus decoding host blocks in the
+               step) as a share of the decode time, and the prefetch precision (moved blocks read
+               before they left)
 
 The memory-bandwidth floor of a decode step is (bytes of weights + bytes of KV read per token)
 divided by the bandwidth of a large tensor.copy_ measured in the same run.
@@ -48,7 +50,7 @@ import torch
 from runtime import Session, load_model
 from runtime.model import DenseKV
 from runtime.model.load import smollm2_135m
-from tiered import CODECS, StoreConfig
+from tiered import CODECS, StoreConfig, make_codec
 
 BLOCK_TOKENS = 64
 SPARSE_BLOCK_TOKENS = 16  # Quest's page size: its key bounds stay tight enough to rank blocks
@@ -131,6 +133,25 @@ def kv_bytes(model, tokens: int) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * tokens * model.dtype.itemsize
 
 
+def tier_shares(store_stats: dict) -> str:
+    """Where the blocks are, e.g. "device 25%, host 75%" (a block written through to disk counts
+    where it is read from: the disk only when no tier above holds it)."""
+    tiers = store_stats["tiers"]
+    counts = {name: tiers[name]["blocks"] for name in tiers if name != "disk"}
+    if "disk" in tiers:
+        counts["disk"] = store_stats["blocks"] - sum(counts.values())
+    total = store_stats["blocks"]
+    return ", ".join(f"{name} {count / total:.0%}" for name, count in counts.items() if count)
+
+
+def encoded_share(model, codec: str) -> float:
+    """Bytes of a full block in `codec` over its bytes in the model's dtype (a host tier of
+    share · x bytes holds the blocks that fill x bytes on the device)."""
+    cfg = model.config
+    raw = 2 * cfg.num_kv_heads * BLOCK_TOKENS * cfg.head_dim * model.dtype.itemsize
+    return make_codec(codec).encoded_nbytes(cfg.num_kv_heads, BLOCK_TOKENS, cfg.head_dim, model.dtype) / raw
+
+
 def weight_bytes(model) -> int:
     total = sum(t.numel() * t.element_size() for layer in model.layers for t in vars(layer).values() if t is not None)
     return total + model.lm_head.numel() * model.lm_head.element_size() + model.final_norm.numel() * 4
@@ -163,6 +184,7 @@ def main() -> None:
     parser.add_argument("--ppl-context", type=int, default=2048)
     parser.add_argument("--ppl-tokens", type=int, default=256)
     parser.add_argument("--runs", type=int, default=1, help="timings per set-up; the median is printed")
+    parser.add_argument("--low-prefetch", default="next-layer", help="the prefetch policy of sparse12low")
     parser.add_argument("--setups", nargs="+", default=["device", "tiered25", "tiered10", "sparse12", "sparse12low"],
                         choices=["device", "tiered25", "tiered10", "sparse12", "sparse12low"])
     args = parser.parse_args()
@@ -181,15 +203,16 @@ def main() -> None:
         cache, last_logits = prefill(model, ids)
         floor = bandwidth / (weight_bytes(model) + kv_bytes(model, length))
         hf_rate, hf_tokens = time_transformers(hf, cache, ids, last_logits, args.steps)
-        kv_total = kv_bytes(model, length + 64 * model.config.num_layers)
+        kv_total = kv_bytes(model, length + 64 * model.config.num_layers)  # room to spare
+        kv_context = kv_bytes(model, length)  # the shares of the KV on each tier are of this
         sparse = dict(mode="sparse", budget_tokens=length // 8, importance="quest")
         setups = {
             "device": (store_config(model, 2 * kv_total, 64 << 20, "raw"), {}),
-            "tiered25": (store_config(model, kv_total // 4, kv_total, codec), {}),
-            "tiered10": (replace(store_config(model, kv_total // 10, kv_total // 5, codec), disk_bytes=2 * kv_total,
-                                 disk_codec=codec), {}),
+            "tiered25": (store_config(model, kv_context // 4, kv_total, codec), {}),
+            "tiered10": (replace(store_config(model, kv_context // 10, int(kv_context * encoded_share(model, codec)) // 5,
+                                              codec), disk_bytes=2 * kv_total, disk_codec=codec), {}),
             "sparse12": (store_config(model, 2 * kv_total, 64 << 20, "raw"), sparse),
-            "sparse12low": (store_config(model, kv_total // 4, kv_total, codec), dict(sparse, prefetch="next-layer")),
+            "sparse12low": (store_config(model, kv_context // 4, kv_total, codec), dict(sparse, prefetch=args.low_prefetch)),
         }
         print(f"{length:>7} {'hf':>9} {hf_rate:>7.2f} {1.0:>6.2f} {floor:>11.2f} {hf_rate / floor:>8.2f}")
         rates: dict[str, list[float]] = {}
@@ -206,10 +229,7 @@ def main() -> None:
                 rates.setdefault(name, []).append(rate)
                 same = sum(a == b for a, b in zip(tokens, hf_tokens))
                 print(f"{length:>7} {name:>9} {rate:>7.2f} {rate / hf_rate:>6.2f} {floor:>11.2f} {rate / floor:>8.2f}  "
-                      f"{same}/{args.steps}" + (f"  (host {codec}: {stats['store']['tiers']['host']['blocks']} blocks)"
-                                               if name in ("tiered25", "sparse12low") else "")
-                      + (f"  (host {stats['store']['tiers']['host']['blocks']}, disk {stats['store']['tiers']['disk']['blocks']}"
-                         " blocks)" if name == "tiered10" else "")
+                      f"{same}/{args.steps}" + (f"  ({tier_shares(stats['store'])} of the blocks)" if name != "device" else "")
                       + (f"  stall {stats['stall_share']:.1%} of the time, prefetch precision "
                          + (f"{stats['precision']:.2f} of {stats['moved']} moved" if stats["moved"] else "- (none moved)")
                          if name == "sparse12low" else "")

@@ -308,9 +308,12 @@ def read_parts(
 def _keep_plan(placement: Placement, keys: list[BlockKey], parts: list, tiers: list[int], slots: list[int],
                total: int) -> None:
     """Keep `parts` (read_parts' result for all of `keys`, `total` tokens) for the next read of
-    `keys`, when the last block ends a device run that views the pool and nothing was decoded into
-    a copy."""
+    `keys`, when the last block ends a device run that views the pool, nothing was decoded into
+    a copy, and no part holds a copy read out of storage (Tier.get_copies: kept, it would hold
+    the disk's blocks in memory beside the host tier's budget)."""
     if tiers[-1] != DEVICE or any(isinstance(part, DenseRun) and part.positions is not None for part in parts):
+        return
+    if any(placement.tiers[t].get_copies for t in set(tiers)):
         return
     ends = [i for i, part in enumerate(parts) if isinstance(part, DenseRun) and part.start + part.keys.shape[1] == total]
     if len(ends) != 1:

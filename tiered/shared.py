@@ -62,6 +62,7 @@ class SharedTier(Tier):
 
     name = "shared"
     evicts_itself = True  # trims the directory by recency: see the module docstring
+    get_copies = True  # each get reads its file anew
 
     @checked
     def __init__(self, root: str | Path, capacity_bytes: Positive, codec: str = "raw") -> None:

@@ -464,6 +464,8 @@ class TieredStore:
                     and reads waiting now, and precision: moved blocks read before they left the
                     device (used_blocks) over moved blocks (None before any moved)
         link_bytes  bytes moved per tier link, e.g. {"host->device": ...}, by every move
+        blocks      blocks stored, each once (a tier's `blocks` also counts copies written through
+                    to the disk tier)
         """
         with self._lock:
             place = self._place
@@ -479,6 +481,7 @@ class TieredStore:
             out["prefetch"] = prefetch
             out["link_bytes"] = dict(place.link_bytes)
             out["step"] = place.step
+            out["blocks"] = len(place.where)  # each counted once, in the tier it is read from
             out["persisted_blocks"] = len(place.persisted)
             out["referenced_blocks"] = len(place.refs)
             out["tiers"] = {}

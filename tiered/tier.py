@@ -25,6 +25,10 @@ class Tier(ABC):
     # disk tier: its log locks itself); the store reads such a tier's blocks (a slow read from
     # storage, which may raise OSError) without holding its lock.
     reads_unlocked: bool = False
+    # True for a tier whose get returns a new copy read out of storage (disk, shared) rather than
+    # a view of memory the tier holds: a reader that keeps it holds the block in memory beyond
+    # the tier's capacity, so reads keep such items no longer than one read.
+    get_copies: bool = False
 
     def allocate(self, layout: BlockLayout, item_bytes: int) -> None:
         """Size the tier for blocks of `layout`, a full one taking `item_bytes` as this tier stores it

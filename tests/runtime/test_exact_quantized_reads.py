@@ -207,3 +207,20 @@ def test_blocks_on_disk_are_read_where_they_lie_too(tmp_path):
             got = attend_parts(q, parts, positions)
         expected = joined_attention(kv, q, positions)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_a_read_with_disk_blocks_keeps_no_plan_so_the_disk_payloads_are_not_held(tmp_path):
+    """Disk blocks come back as new copies (Tier.get_copies): a plan kept with them would hold the
+    disk's blocks in memory beside the host tier's budget, so every read of them reads the disk."""
+    config = store_config(2, "int8", host_blocks=1, disk_dir=str(tmp_path / "kv"), disk_codec="int4")
+    with TieredStore(config) as store:
+        kv = filled_manager(store, 12 * BLOCK_TOKENS + 3, seed=5)
+        on_disk = sum(store.where(key) == "disk" for key in kv.block_keys[0])
+        reads_before = store.stats()["tiers"]["disk"]["hits"]
+        runs = []
+        for _ in range(2):
+            with store.reading_parts(kv.block_keys[0], limit_tokens=kv.lengths[0]) as parts:
+                runs.append([part for part in parts if isinstance(part, EncodedRun)])
+        assert not store._place.read_plans
+        assert all(a is not b for a, b in zip(*runs))
+        assert on_disk > 0 and store.stats()["tiers"]["disk"]["hits"] - reads_before == 2 * on_disk

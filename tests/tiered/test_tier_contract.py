@@ -102,6 +102,17 @@ def test_put_then_get_returns_the_item_and_charges_capacity(case):
     assert tier.free_bytes <= tier.capacity_bytes - tier.used_bytes + tier.charge(item)
 
 
+def test_get_returns_a_view_of_what_the_tier_holds_unless_it_declares_copies(case):
+    """get_copies tells readers whether a get's item is a new copy out of storage (not to be kept
+    past a read) or a view of memory the tier holds (the same bytes at every get)."""
+    tier = case.tier
+    tier.put(KEY, case.item(9))
+    first, second = tier.get(KEY), tier.get(KEY)
+    pointer = (lambda item: item.keys.data_ptr()) if case.codec_spec is None else (lambda item: item.payload.data_ptr())
+    assert (pointer(first) != pointer(second)) == tier.get_copies
+    assert tier.get_copies == (type(tier).__name__ in ("DiskTier", "SharedTier"))
+
+
 def test_the_charge_of_a_payload_size_is_the_charge_of_an_item_of_that_size(case):
     item = case.item(2)
     assert case.tier.charge_for(item.nbytes) <= case.tier.charge(item)

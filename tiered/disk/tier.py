@@ -81,6 +81,7 @@ class DiskTier(Tier):
     name = "disk"
     evicts_itself = True
     reads_unlocked = True  # the segment log locks itself
+    get_copies = True  # each get reads and unpacks its record anew
 
     @checked
     def __init__(self, directory: str | Path, capacity_bytes: Positive, *, codec: str = "raw",
