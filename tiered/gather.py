@@ -85,10 +85,11 @@ def read_pages(
 
     pages: [kv_heads, kept] int64, the pages each KV head reads; `blocks` the blocks they lie in,
     ascending; `tokens` the sequence's length: a partial newest page must come last for every
-    head, and is cut (read = kept · page_tokens less what that page lacks). When every block of
-    `keys` is on the device the pages are copied straight out of the pool; otherwise `blocks` are
-    gathered as read_joined gathers them (lower tiers decoded, nothing moved) and the pages taken
-    from that. Hits and touches are counted for `blocks` alone."""
+    head, and is cut (read = kept · page_tokens less what that page lacks). When every one of
+    `blocks` is on the device the pages are copied straight out of the pool (the slot of each of
+    `keys` kept while no block moves, when they all are); otherwise `blocks` are gathered as
+    read_joined gathers them (lower tiers decoded, nothing moved) and the pages taken from that.
+    Hits and touches are counted for `blocks` alone."""
     slots = _device_slots(placement, keys)
     chosen = [keys[i] for i in blocks]
     if slots is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Hashable, Iterable, Iterator
 from itertools import islice
 
 import torch
@@ -41,29 +41,29 @@ class Pins:
     build, not a loop over keys."""
 
     def __init__(self) -> None:
-        self._reads: list[tuple[int, frozenset[BlockKey]]] = []  # (thread ident, keys)
+        self._holders: list[tuple[int, frozenset[BlockKey]]] = []  # (thread ident, keys)
 
     def add(self, keys: Iterable[BlockKey]) -> tuple[int, frozenset[BlockKey]]:
         """Pin `keys` for one holder in this thread; pass what this returns to `discard` when it ends."""
         pinned = (threading.get_ident(), frozenset(keys))
-        self._reads.append(pinned)
+        self._holders.append(pinned)
         return pinned
 
     def discard(self, pinned: tuple[int, frozenset[BlockKey]]) -> None:
-        self._reads.remove(pinned)
+        self._holders.remove(pinned)
 
     def holders(self, keys: Iterable[BlockKey]) -> set[int]:
-        """Threads whose reads hold any of `keys`."""
-        if not self._reads:
+        """Threads whose pins hold any of `keys`."""
+        if not self._holders:
             return set()
         keys = list(keys)
-        return {thread for thread, read in self._reads if not read.isdisjoint(keys)}
+        return {thread for thread, held in self._holders if not held.isdisjoint(keys)}
 
     def __contains__(self, key: BlockKey) -> bool:
-        return any(key in read for _, read in self._reads)
+        return any(key in held for _, held in self._holders)
 
     def __bool__(self) -> bool:
-        return bool(self._reads)
+        return bool(self._holders)
 
 
 class Placement:
@@ -100,9 +100,10 @@ class Placement:
         self.moved_unread: set[BlockKey] = set()
         self.prefetch_used = 0
         self.prefetch_wasted = 0
-        # what tiered.gather.read_parts worked out about a layer's blocks, by the layer's last key;
-        # valid until a block is tracked or untracked anywhere (then every plan is dropped)
-        self.read_plans: dict[BlockKey, object] = {}
+        # what tiered.gather's reads worked out about a layer's blocks, by the layer's last key
+        # (read_parts' parts) or ("slots", last key) (read_pages' slot table); valid until a block
+        # is tracked or untracked anywhere (then every plan is dropped)
+        self.read_plans: dict[Hashable, object] = {}
 
     def track_kept(self) -> None:
         """Track the blocks the lower tiers hold already: what a persistent tier kept from an earlier run."""

@@ -248,8 +248,11 @@ class TieredStore:
         only the blocks the pages lie in are read (waited for, counted as hits, with `touch` as
         accesses). KeyError for a block not stored; ValueError for pages outside the sequence."""
         keys = _checked_keys(keys)
-        if self.config.block_tokens % page_tokens:
-            raise ValueError(f"page_tokens must divide block_tokens={self.config.block_tokens}, got {page_tokens}")
+        if isinstance(page_tokens, bool) or not isinstance(page_tokens, int) or page_tokens <= 0 \
+                or self.config.block_tokens % page_tokens:
+            raise ValueError(f"page_tokens must divide block_tokens={self.config.block_tokens}, got {page_tokens!r}")
+        if not isinstance(pages, torch.Tensor):
+            raise TypeError(f"pages must be a tensor, got {type(pages).__name__}")
         held = -(-tokens // page_tokens)
         if not 0 < tokens <= len(keys) * self.config.block_tokens:
             raise ValueError(f"{len(keys)} blocks cannot hold a sequence of {tokens} tokens")
@@ -259,6 +262,7 @@ class TieredStore:
             raise ValueError(f"pages must lie in 0..{held - 1}, the pages of {tokens} tokens")
         if tokens % page_tokens and not bool((pages[:, -1] == held - 1).all()):
             raise ValueError("the partial newest page must be the last page of every head")
+        pages = pages.to(self.device)
         blocks = torch.unique(pages // (self.config.block_tokens // page_tokens)).tolist()  # ascending
         self._scheduler.wait_for([keys[i] for i in blocks])
         with self._lock:

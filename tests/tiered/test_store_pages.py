@@ -100,6 +100,8 @@ def test_all_on_the_device_in_scattered_slots_and_after_a_block_moves():
         (torch.tensor([[0, 9]], dtype=torch.int32), PAGE, 19, ValueError, "int64"),
         (torch.tensor([0, 9]), PAGE, 19, ValueError, "kv_heads, kept"),
         (torch.tensor([[0, 1]]), 3, 19, ValueError, "divide"),
+        (torch.tensor([[0, 1]]), 0, 19, ValueError, "divide"),
+        ([[0, 9]], PAGE, 19, TypeError, "tensor"),
         (torch.tensor([[0, 1]]), PAGE, 40, ValueError, "cannot hold"),
     ],
 )
