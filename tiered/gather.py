@@ -90,24 +90,21 @@ def read_pages(
     `keys` kept while no block moves, when they all are); otherwise `blocks` are gathered as
     read_joined gathers them (lower tiers decoded, nothing moved) and the pages taken from that.
     Hits and touches are counted for `blocks` alone."""
-    slots = _device_slots(placement, keys)
     chosen = [keys[i] for i in blocks]
-    if slots is not None:
+    block_rows = _device_slots(placement, keys)  # where each block of `keys` is in the source read
+    if block_rows is not None:
         _count_device_read(placement, chosen, touch)
-        device = placement.device_tier
-        source_keys, source_values = device.keys_pool, device.values_pool  # [kv_heads, slots, block_tokens, head_dim]
-        block_rows = slots.to(pages.device)  # the pool slot of each block of `keys`
+        in_pool = True
     else:  # where the chosen blocks are: in the pool too, or gathered (decoded) into a copy
         tiers, chosen_slots, _, _ = _locate(placement, chosen, touch)
+        in_pool = max(tiers) == DEVICE
         block_rows = torch.zeros(len(keys), dtype=torch.int64)
-        if max(tiers) == DEVICE:
-            device = placement.device_tier
-            source_keys, source_values = device.keys_pool, device.values_pool
-            block_rows[blocks] = torch.tensor(chosen_slots)
-        else:  # [kv_heads, blocks, block_tokens, head_dim] each
-            source_keys, source_values = _gather_blocks(placement, chosen, tiers, chosen_slots)
-            block_rows[blocks] = torch.arange(len(blocks))
-        block_rows = block_rows.to(pages.device)
+        block_rows[blocks] = torch.tensor(chosen_slots) if in_pool else torch.arange(len(blocks))
+    if in_pool:  # [kv_heads, slots, block_tokens, head_dim] each
+        source_keys, source_values = placement.device_tier.keys_pool, placement.device_tier.values_pool
+    else:  # [kv_heads, blocks, block_tokens, head_dim] each
+        source_keys, source_values = _gather_blocks(placement, chosen, tiers, chosen_slots)
+    block_rows = block_rows.to(pages.device)
     per_block = placement.layout.block_tokens // page_tokens
     heads, sources, _, dim = source_keys.shape
     # the row of each chosen page in a source seen as [kv_heads · sources · per_block, page_tokens, head_dim]
@@ -123,7 +120,7 @@ def read_pages(
 
 def _device_slots(placement: Placement, keys: list[BlockKey]) -> torch.Tensor | None:
     """The device slot of each of `keys` ([blocks] int64), when every one is on the device and full
-    but the last; else None. Kept in Placement.read_plans while no block moves."""
+    but the last; else None. Either answer is kept in Placement.read_plans while no block moves."""
     memo = placement.read_plans.get(("slots", keys[-1]))
     if memo is not None and memo[0] == keys:
         return memo[1]
@@ -131,9 +128,9 @@ def _device_slots(placement: Placement, keys: list[BlockKey]) -> torch.Tensor | 
         return None
     lookup, full = placement.device_tier.slot_table.get, placement.layout.block_tokens
     entries = [lookup(key) for key in keys]
-    if any(entry is None for entry in entries) or any(entry[1] != full for entry in entries[:-1]):
-        return None
-    slots = torch.tensor([entry[0] for entry in entries], dtype=torch.int64)
+    slots = None
+    if all(entry is not None for entry in entries) and all(entry[1] == full for entry in entries[:-1]):
+        slots = torch.tensor([entry[0] for entry in entries], dtype=torch.int64)
     placement.read_plans[("slots", keys[-1])] = (list(keys), slots)
     return slots
 
