@@ -24,12 +24,16 @@ VIEW_RUNS = 4  # device blocks in more runs of consecutive slots than this are g
 @dataclass(frozen=True, slots=True)
 class DenseRun:
     """Full-precision keys and values, [kv_heads, tokens, head_dim] each, on the store's device.
-    Token j sits at position start + j, or at positions[j] ([tokens] int64) when positions is set."""
+    Token j sits at position start + j, or at positions[j] ([tokens] int64) when positions is set.
+    `pool_row`: for views of the device tier's pools ([kv_heads, slots, block_tokens, head_dim]),
+    the row of the run's first token in KV head 0 when a pool is seen as rows [-1, head_dim] (the
+    pools are then keys._base and values._base); else None."""
 
     keys: torch.Tensor
     values: torch.Tensor
     start: int
     positions: torch.Tensor | None = None
+    pool_row: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +122,28 @@ def read_pages(
     return keys_out, values_out
 
 
+def page_rows(
+    placement: Placement, keys: list[BlockKey], blocks: list[int], pages: torch.Tensor, page_tokens: int, tokens: int,
+    touch: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The pages read_pages would copy (same arguments), left where they are: (keys pool, values
+    pool, first rows, row counts; both [kv_heads, kept] int64), a pool seen as rows [-1, head_dim]:
+    KV head h's page j is rows first[h, j] .. + count[h, j]. None, with nothing counted, unless
+    every block of `keys` is on the device; else hits and touches are counted for `blocks` alone."""
+    block_slots = _device_slots(placement, keys)
+    if block_slots is None:
+        return None
+    _count_device_read(placement, [keys[i] for i in blocks], touch)
+    device, full = placement.device_tier, placement.layout.block_tokens
+    heads, slots = device.keys_pool.shape[:2]
+    per_block = full // page_tokens
+    head_rows = torch.arange(heads, device=pages.device)[:, None] * (slots * full)  # [kv_heads, 1]
+    first = head_rows + block_slots.to(pages.device)[pages // per_block] * full + pages % per_block * page_tokens
+    count = torch.full_like(first, page_tokens)  # [kv_heads, kept]
+    count[:, -1] -= -tokens % page_tokens  # a partial newest page, every head's last
+    return device.keys_pool, device.values_pool, first, count
+
+
 def _device_slots(placement: Placement, keys: list[BlockKey]) -> torch.Tensor | None:
     """The device slot of each of `keys` ([blocks] int64), when every one is on the device and full
     but the last; else None. Either answer is kept in Placement.read_plans while no block moves."""
@@ -204,7 +230,8 @@ def _pool_run(placement: Placement, first_slot: int, last_slot: int, tokens: int
     layout, device = placement.layout, placement.device_tier
     heads, dim, chosen = layout.kv_heads, layout.head_dim, slice(first_slot, last_slot + 1)
     return DenseRun(device.keys_pool[:, chosen].reshape(heads, -1, dim)[:, :tokens],
-                    device.values_pool[:, chosen].reshape(heads, -1, dim)[:, :tokens], start)
+                    device.values_pool[:, chosen].reshape(heads, -1, dim)[:, :tokens], start,
+                    pool_row=first_slot * layout.block_tokens)
 
 
 def _gather(
@@ -278,7 +305,10 @@ def read_parts(
     kept = [min(n, limit - i * full) for i, n in enumerate(tokens)]  # tokens of each block read
     rows = [i for i in range(len(keys)) if kept[i] > 0]
     if max(tiers) == DEVICE:  # all on the device, in a few runs (a shared prefix, then the sequence's own)
-        return _device_parts(placement, rows, slots, kept)
+        parts = _device_parts(placement, rows, slots, kept)
+        if not touch and limit == total:
+            _keep_plan(placement, keys, parts, tiers, slots, total)
+        return parts
     if not any(isinstance(placement.codecs[t], QuantizedCodec) for t in tiers if t != DEVICE):
         joined_keys, joined_values = _gather(placement, keys, tiers, slots, total)  # as read_joined does
         return [DenseRun(joined_keys[:, :limit], joined_values[:, :limit], 0)]

@@ -36,7 +36,7 @@ from .content import is_content_key
 from .counters import StoreCounters
 from .device import DeviceTier
 from .disk import DiskTier
-from .gather import DenseRun, EncodedRun, read_joined, read_pages, read_parts
+from .gather import DenseRun, EncodedRun, page_rows, read_joined, read_pages, read_parts
 from .host import HostTier
 from .placement import DEVICE, NoRoom, Placement
 from .scheduler import MOVED, SKIPPED, UP, Priority, Scheduler
@@ -247,6 +247,42 @@ class TieredStore:
         Pages on the device are copied straight out of the pool, others decoded where they lie;
         only the blocks the pages lie in are read (waited for, counted as hits, with `touch` as
         accesses). KeyError for a block not stored; ValueError for pages outside the sequence."""
+        keys, pages, blocks = self._checked_pages(keys, pages, page_tokens, tokens)
+        self._scheduler.wait_for([keys[i] for i in blocks])
+        with self._lock:
+            self._check_open()
+            return read_pages(self._place, keys, blocks, pages, page_tokens, tokens, touch)
+
+    @contextmanager
+    def reading_page_rows(
+        self, keys: Sequence[BlockKey], pages: torch.Tensor, page_tokens: int, tokens: int, touch: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """The pages read_pages would copy (same arguments, checks and counts), as spans of rows of
+        the device pools, for attention that reads them in place (tiered.codecs.cpu_kernels.attend_rows):
+        (keys pool, values pool, first rows, row counts; both [kv_heads, kept] int64), the pools seen
+        as rows [-1, head_dim]. Valid inside the `with` block, where the pages' blocks are held in
+        place. None, with nothing read or counted, unless every block of `keys` is on the device:
+        then read_pages reads them."""
+        keys, pages, blocks = self._checked_pages(keys, pages, page_tokens, tokens)
+        chosen = [keys[i] for i in blocks]
+        self._scheduler.wait_for(chosen)
+        with self._lock:
+            self._check_open()
+            rows = page_rows(self._place, keys, blocks, pages, page_tokens, tokens, touch)
+            pinned = None if rows is None else self._place.reading.add(chosen)
+        try:
+            yield rows
+        finally:
+            if pinned is not None:
+                with self._lock:
+                    self._place.reading.discard(pinned)
+                    self._unread.notify_all()
+
+    def _checked_pages(
+        self, keys: Sequence[BlockKey], pages: torch.Tensor, page_tokens: int, tokens: int
+    ) -> tuple[list[BlockKey], torch.Tensor, list[int]]:
+        """read_pages' arguments checked: the keys, the pages on the store's device, and the blocks
+        the pages lie in (ascending)."""
         keys = _checked_keys(keys)
         if isinstance(page_tokens, bool) or not isinstance(page_tokens, int) or page_tokens <= 0 \
                 or self.config.block_tokens % page_tokens:
@@ -264,10 +300,7 @@ class TieredStore:
             raise ValueError("the partial newest page must be the last page of every head")
         pages = pages.to(self.device)
         blocks = torch.unique(pages // (self.config.block_tokens // page_tokens)).tolist()  # ascending
-        self._scheduler.wait_for([keys[i] for i in blocks])
-        with self._lock:
-            self._check_open()
-            return read_pages(self._place, keys, blocks, pages, page_tokens, tokens, touch)
+        return keys, pages, blocks
 
     @contextmanager
     def reading_parts(

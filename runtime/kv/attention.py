@@ -12,8 +12,9 @@ import math
 import torch
 from torch import Tensor
 
+from tiered.codecs import cpu_kernels
 from tiered.codecs.attend_reference import merge_partials
-from tiered.gather import EncodedRun
+from tiered.gather import DenseRun, EncodedRun
 
 
 def hide_later_keys(scores: Tensor, key_positions: Tensor, q_positions: Tensor) -> None:
@@ -62,8 +63,13 @@ def attention_over_runs(q: Tensor, runs: list, q_positions: Tensor) -> Tensor:
     """grouped_attention over full-precision runs of keys and values (tiered.gather.DenseRun, token j
     of a run at position run.start + j) without joining them into one copy: each run's scores, one
     softmax over all of them, each run's share of the values. One run is grouped_attention itself.
+    A decode step (one query) over runs that are views of one pool is one fused CPU call.
 
     q: [heads, n, head_dim]; q_positions: [n] int64. Returns [heads, n, head_dim] in q's dtype."""
+    if q.shape[1] == 1 and q.dtype == torch.float32:
+        spans = pool_spans(runs)
+        if spans is not None:
+            return cpu_kernels.attend_rows(q, *spans, 1.0 / math.sqrt(q.shape[-1]))[0]
     if len(runs) == 1 and runs[0].start == 0:
         return grouped_attention(q, runs[0].keys, runs[0].values, q_positions)[0]
     heads, n, head_dim = q.shape
@@ -83,6 +89,20 @@ def attention_over_runs(q: Tensor, runs: list, q_positions: Tensor) -> Tensor:
         term = torch.matmul(share.to(run.values.dtype), run.values)  # [kv_heads, group * n, head_dim]
         out = term if out is None else out.add_(term)
     return out.view(heads, n, head_dim)
+
+
+def pool_spans(runs: list) -> tuple[Tensor, Tensor, list[int], list[int]] | None:
+    """The runs as spans of rows of the device pools, for cpu_kernels.attend_rows: (keys pool, values
+    pool, first rows, row counts; both [kv_heads · runs], head after head), when every run is a view
+    of the fp32 pools on the CPU (DenseRun.pool_row) and the kernels are built; else None."""
+    if any(run.pool_row is None for run in runs):
+        return None
+    keys_pool, values_pool = runs[0].keys._base, runs[0].values._base
+    if not keys_pool.is_cpu or keys_pool.dtype != torch.float32 or keys_pool.shape[-1] % 16 or not cpu_kernels.available():
+        return None
+    head_rows = keys_pool.shape[1] * keys_pool.shape[2]  # rows of one KV head: slots · block_tokens
+    first = [run.pool_row + h * head_rows for h in range(keys_pool.shape[0]) for run in runs]
+    return keys_pool, values_pool, first, [run.keys.shape[1] for run in runs] * keys_pool.shape[0]
 
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -126,6 +146,11 @@ def attend_parts(q: Tensor, parts: list, q_positions: Tensor) -> Tensor:
     """
     masked = q_positions if q.shape[1] > 1 else None  # one query, the newest: it sees every key
     partials = []
+    dense = [part for part in parts if isinstance(part, DenseRun)]
+    spans = pool_spans(dense) if masked is None and dense and q.dtype == torch.float32 else None
+    if spans is not None:  # the device runs in one fused call
+        partials.append(cpu_kernels.attend_rows(q, *spans, 1.0 / math.sqrt(q.shape[-1])))
+        parts = [part for part in parts if isinstance(part, EncodedRun)]
     for part in parts:
         if isinstance(part, EncodedRun):
             partials.append(part.codec.attend(q, part.items, part.starts, masked, memo=part.memo))

@@ -17,6 +17,7 @@ from policies.importance import select_per_head
 from policies.prefetch.none import NoPrefetch
 from tiered import BlockKey, TieredStore
 from tiered.checked import NonNegative, checked
+from tiered.codecs import cpu_kernels
 
 from .attention import grouped_attention
 from .summaries import KeySummaries
@@ -76,6 +77,8 @@ class SparseAttention:
             )
         self.prefetch_policy = make_prefetch(prefetch)
         self.plans_prefetch = not isinstance(self.prefetch_policy, NoPrefetch)  # "none" plans nothing: not asked
+        # fp32 on the CPU: kept pages on the device are attended in the pool, not copied out first
+        self.fused = device.type == "cpu" and head_dim % 16 == 0 and cpu_kernels.available()
 
     def add(self, layer: int, start: int, keys: Tensor) -> None:
         """Summarize the keys of tokens start.. of `layer`: [kv_heads, n, head_dim]."""
@@ -106,10 +109,12 @@ class SparseAttention:
         keep = select_per_head(
             scores, budget_blocks=self.budget_pages, sink_blocks=self.sink_pages, window_blocks=self.window_pages
         )  # [kv_heads, kept], ascending: the newest page, in every head's window, comes last
-        # the kept pages' keys and values: [kv_heads, read, head_dim] each
-        chosen_keys, chosen_values = store.read_pages(keys, keep, page, tokens, touch=True)
-        out, weights = grouped_attention(q, chosen_keys, chosen_values, positions, return_weights=estimator.stateful)
-        read = chosen_keys.shape[1]
+        read = keep.shape[1] * page - (-tokens % page)
+        fused = self.fused and q.dtype == torch.float32 and not estimator.stateful
+        out = self._attend_in_pool(store, keys, keep, tokens, q) if fused else None
+        if out is None:  # the kept pages' keys and values: [kv_heads, read, head_dim] each
+            chosen_keys, chosen_values = store.read_pages(keys, keep, page, tokens, touch=True)
+            out, weights = grouped_attention(q, chosen_keys, chosen_values, positions, return_weights=estimator.stateful)
         if estimator.stateful:
             kv_heads, group = keep.shape[0], q.shape[0] // keep.shape[0]
             key_positions = (keep.cpu()[..., None] * page + torch.arange(page)).reshape(kv_heads, -1)[:, :read]
@@ -118,6 +123,14 @@ class SparseAttention:
             estimator.update(query.float().cpu(), full)
         wanted = self._plan_prefetch(layer, query, scores, pages) if self.plans_prefetch else []
         return out, read, wanted, scores
+
+    def _attend_in_pool(self, store: TieredStore, keys: list[BlockKey], keep: Tensor, tokens: int, q: Tensor) -> Tensor | None:
+        """Attention over the kept pages where they lie in the device pool (one fused CPU call), or
+        None when some block of the layer is below the device (read_pages then gathers them)."""
+        with store.reading_page_rows(keys, keep, self.page_tokens, tokens, touch=True) as rows:
+            if rows is None:
+                return None
+            return cpu_kernels.attend_rows(q, *rows, self.head_dim**-0.5)[0]
 
     def page_scores(self, layer: int, scores: Tensor) -> Tensor:
         """One score per page ([pages]) from attend's `scores` of `layer`: the estimator's ranking."""

@@ -86,7 +86,8 @@ def test_attention_over_runs_equals_attention_over_the_joined_runs(n):
 def test_exact_mode_equals_a_dense_cache(tiny):
     ids = prompt(tiny)
     dense = DenseKV.for_model(tiny)
-    expected = torch.cat([tiny.forward(torch.tensor(ids[i : i + 37]), torch.arange(i, min(i + 37, len(ids))), dense) for i in range(0, len(ids), 37)])
+    chunks = [(i, min(i + 37, len(ids))) for i in range(0, len(ids), 37)]
+    expected = torch.cat([tiny.forward(torch.tensor(ids[a:b]), torch.arange(a, b), dense) for a, b in chunks])
     with Session(tiny, store_config(tiny, device_blocks=1024)) as session:
         got = run(tiny, session, ids)
         assert session.store.stats()["tiers"]["host"]["blocks"] == 0
@@ -119,6 +120,22 @@ def test_sparse_mode_with_a_budget_above_the_context_equals_exact(tiny):
         run(tiny, session, ids)
         assert session.generate(10) == expected
         assert session.stats()["kv"]["sparse_steps"] == 0
+
+
+def test_sparse_pages_attended_in_the_pool_equal_pages_copied_out(tiny):
+    """A sparse step attends its kept pages where they lie in the device pool (one fused call); the
+    same steps reading the pages out first (read_pages, then attention) give the same logits."""
+    ids = prompt(tiny, 160)
+    sparse = dict(mode="sparse", budget_tokens=6 * BLOCK_TOKENS, sink_tokens=8, window_tokens=16, dense_layers=0)
+    logits = []
+    for fused in (True, False):
+        with Session(tiny, store_config(tiny, device_blocks=1024), **sparse) as session:
+            assert session.kv.sparse.fused  # head_dim 16, fp32 on the CPU
+            session.kv.sparse.fused = fused
+            run(tiny, session, ids[:150])
+            logits.append(torch.cat([session.extend([token]) for token in ids[150:]]))  # decode steps
+            assert session.stats()["kv"]["sparse_steps"] == tiny.config.num_layers * 10
+    assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("importance", ["quest", "h2o", "snapkv", "tova", "recency"])

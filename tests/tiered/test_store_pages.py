@@ -118,3 +118,44 @@ def test_a_block_not_stored_is_a_key_error():
         store.remove(keys[1])
         with pytest.raises(KeyError, match="index=1"):
             store.read_pages(keys, torch.tensor([[2, 5]]), PAGE, tokens=12)
+
+
+def rows_read(rows: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens reading_page_rows' spans name, head by head: [kv_heads, read, head_dim] each."""
+    keys_pool, values_pool, first, count = rows
+    heads = keys_pool.shape[0]
+    index = [torch.cat([torch.arange(f, f + c) for f, c in zip(first[h].tolist(), count[h].tolist())]) for h in range(heads)]
+    return (torch.stack([keys_pool.reshape(-1, DIM)[i] for i in index]),
+            torch.stack([values_pool.reshape(-1, DIM)[i] for i in index]))
+
+
+def test_page_rows_name_the_pages_read_pages_copies_and_hold_their_blocks():
+    """All on the device in scattered slots: the spans name the same tokens read_pages copies, the
+    chosen blocks are counted once and cannot be removed while the spans are read."""
+    with TieredStore(config(device_blocks=7)) as store:
+        keys = fill(store, 3)
+        store.put(BlockKey("t", 0, 0), random_block(HEADS, TOKENS, DIM, torch.float32, seed=50))  # takes slot 3
+        keys += [BlockKey("s", 0, 3), BlockKey("s", 0, 4)]
+        store.put(keys[3], random_block(HEADS, TOKENS, DIM, torch.float32, seed=3))
+        store.put(keys[4], random_block(HEADS, 3, DIM, torch.float32, seed=4))  # 19 tokens: the newest page holds one
+        want_k, want_v = store.read_pages(keys, PAGES, PAGE, tokens=19)
+        before = store.stats()["tiers"]["device"]["hits"]
+        with store.reading_page_rows(keys, PAGES, PAGE, tokens=19) as rows:
+            k, v = rows_read(rows)
+            with pytest.raises(RuntimeError, match="being read"):
+                store.remove(keys[2])  # page 4 lies in block 2
+        assert torch.equal(k, want_k) and torch.equal(v, want_v)
+        assert store.stats()["tiers"]["device"]["hits"] - before == 5  # the blocks of pages 0..9: all five, once each
+        store.remove(keys[2])  # free once the with block ends
+
+
+def test_page_rows_are_none_and_count_nothing_when_a_block_is_below_the_device():
+    with TieredStore(config(device_blocks=2)) as store:
+        keys = fill(store, 5, last_tokens=3)
+        before = store.stats()["tiers"]
+        with store.reading_page_rows(keys, PAGES, PAGE, tokens=19, touch=True) as rows:
+            assert rows is None
+        assert store.stats()["tiers"] == before
+        with pytest.raises(ValueError, match="partial newest page"):
+            with store.reading_page_rows(keys, torch.tensor([[9, 3]]), PAGE, tokens=19):
+                pass

@@ -833,3 +833,102 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
     free(mem), free(scratch);
     return 0;
 }
+
+/* Attention of R query rows per KV head over full-precision rows of one pool, every key visible
+ * (a decode step): q: [H, R, D] fp32, scaled; row i of keys and values is kbase + i·D, vbase + i·D.
+ * KV head h reads nspans spans, span j being rows [first[h·nspans + j], + count[h·nspans + j]).
+ * out: [H, R, D] and lse: [H, R], as tiered_attend writes them. D: a multiple of DW. Scores of a
+ * head are kept whole ([R, its tokens]), so each key and value row is read once. Returns 0, -1 (no
+ * memory) or -2 (a span outside rows 0..rows-1). */
+int64_t tiered_attend_rows(int64_t h_begin, int64_t h_end, const float *q, int64_t R, int64_t D, const float *kbase,
+                           const float *vbase, int64_t rows, int64_t nspans, const int64_t *first, const int64_t *count,
+                           float *out, float *lse) {
+    int64_t most = 0;
+    for (int64_t h = h_begin; h < h_end; h++) {
+        int64_t total = 0;
+        for (int64_t j = 0; j < nspans; j++) {
+            int64_t f = first[h * nspans + j], c = count[h * nspans + j];
+            if (f < 0 || c < 0 || f > rows - c) return -2;
+            total += c;
+        }
+        most = total > most ? total : most;
+    }
+    int64_t padded = (most + AL - 1) / AL * AL + AL;
+    float *s = malloc(sizeof(float) * (size_t)(R * padded + R * D + D + R));
+    float *acc = s + R * padded, *zero = acc + R * D, *inv = zero + D; /* inv: 1 / the sum of a row's weights */
+    if (s == NULL) return -1;
+    memset(zero, 0, sizeof(float) * (size_t)D);
+    for (int64_t h = h_begin; h < h_end; h++) {
+        const int64_t *hf = first + h * nspans, *hc = count + h * nspans;
+        const float *qh = q + h * R * D;
+        /* scores: AL keys at a time, a named sum per key, one horizontal reduction for all AL */
+        int64_t at = 0;
+        for (int64_t j = 0; j < nspans; j++) {
+            const float *k = kbase + hf[j] * D;
+            for (int64_t t = 0; t < hc[j]; t += AL) {
+                int64_t nt = min64(AL, hc[j] - t);
+                const float *c[AL];
+                for (int64_t u = 0; u < AL; u++) c[u] = u < nt ? k + (t + u) * D : zero;
+                for (int64_t r = 0; r < R; r++) {
+                    vd d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, d4 = {0}, d5 = {0}, d6 = {0}, d7 = {0};
+                    for (int64_t i = 0; i < D; i += DW) {
+                        vd x = loadd(qh + r * D + i);
+                        d0 = fmad(x, loadd(c[0] + i), d0), d1 = fmad(x, loadd(c[1] + i), d1);
+                        d2 = fmad(x, loadd(c[2] + i), d2), d3 = fmad(x, loadd(c[3] + i), d3);
+                        d4 = fmad(x, loadd(c[4] + i), d4), d5 = fmad(x, loadd(c[5] + i), d5);
+                        d6 = fmad(x, loadd(c[6] + i), d6), d7 = fmad(x, loadd(c[7] + i), d7);
+                    }
+                    store8(s + r * padded + at + t,
+                           hsum8x8(fold8(d0), fold8(d1), fold8(d2), fold8(d3), fold8(d4), fold8(d5), fold8(d6), fold8(d7)));
+                }
+            }
+            at += hc[j]; /* the next span's scores overwrite this one's padding */
+        }
+        /* softmax weights, unnormalized: e^(s - max) */
+        for (int64_t r = 0; r < R; r++) {
+            float *sr = s + r * padded;
+            v8 top8 = splat8(-__builtin_inff());
+            for (int64_t t = 0; t < at; t += AL)
+                top8 = select8(AL_INDEX < (int)(at - t) & load8(sr + t) > top8, load8(sr + t), top8);
+            float top = -__builtin_inff();
+            for (int u = 0; u < AL; u++) top = top8[u] > top ? top8[u] : top;
+            v8 total = splat8(0.0f);
+            for (int64_t t = 0; t < at; t += AL) {
+                v8 e = select8(AL_INDEX < (int)(at - t), vexp8(load8(sr + t) - top), splat8(0.0f));
+                store8(sr + t, e);
+                total += e;
+            }
+            float sum = hsum8(total);
+            lse[h * R + r] = at ? top + logf(sum) : -__builtin_inff();
+            inv[r] = at ? 1.0f / sum : 0.0f;
+        }
+        /* values: acc[r] = sum_t p[t] v[t], AL rows of values per pass */
+        for (int64_t r = 0; r < R; r++) memset(acc + r * D, 0, sizeof(float) * (size_t)D);
+        at = 0;
+        for (int64_t j = 0; j < nspans; j++) {
+            const float *v = vbase + hf[j] * D;
+            for (int64_t t = 0; t < hc[j]; t += AL) {
+                int64_t nt = min64(AL, hc[j] - t);
+                const float *c[AL];
+                for (int64_t u = 0; u < AL; u++) c[u] = u < nt ? v + (t + u) * D : zero;
+                for (int64_t r = 0; r < R; r++) {
+                    const float *pr = s + r * padded + at + t;
+                    float w[AL];
+                    for (int64_t u = 0; u < AL; u++) w[u] = u < nt ? pr[u] : 0.0f;
+                    float *ar = acc + r * D;
+                    for (int64_t i = 0; i < D; i += DW) {
+                        vd a = loadd(ar + i);
+                        for (int u = 0; u < AL; u++) a = fmad(splatd(w[u]), loadd(c[u] + i), a);
+                        stored(ar + i, a);
+                    }
+                }
+            }
+            at += hc[j];
+        }
+        for (int64_t r = 0; r < R; r++) {
+            for (int64_t i = 0; i < D; i += DW) stored(out + (h * R + r) * D + i, loadd(acc + r * D + i) * splatd(inv[r]));
+        }
+    }
+    free(s);
+    return 0;
+}

@@ -94,6 +94,10 @@ def _build() -> ctypes.CDLL:
     lib.tiered_attend.argtypes = [i64, i64, address, address, i64, i64, i64, i64, i64, address, address, address,
                                   address, i32, i64, address, address]
     lib.tiered_attend.restype = i64
+    # h_begin, h_end, q, R, D, key rows, value rows, rows, spans, first rows, row counts, out, lse
+    lib.tiered_attend_rows.argtypes = [i64, i64, address, i64, i64, address, address, i64, i64, address, address,
+                                       address, address]
+    lib.tiered_attend_rows.restype = i64
     return lib
 
 
@@ -156,10 +160,18 @@ def _run(function: str, fmt: QuantFormat, keys: list, values: list, payloads: li
     return _call(function, fmt, shape, dtype, n, table)
 
 
+def _thread_pool() -> ThreadPoolExecutor:
+    """The threads large batches are split over (torch's thread count), made on first use."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="tiered-codec")
+        return _pool
+
+
 def _call(function: str, fmt: QuantFormat, shape, dtype: torch.dtype, n: int, table) -> int:
     """function(begin, end, ...) of the library over n blocks of `shape` described by `table`
     (as _run builds it), split over threads when the batch is large."""
-    global _pool
     lib = _library()
     if lib is None:
         raise RuntimeError(f"the CPU kernels are not available: {build_error()}")
@@ -170,11 +182,9 @@ def _call(function: str, fmt: QuantFormat, shape, dtype: torch.dtype, n: int, ta
     workers = min(n, torch.get_num_threads())
     if workers <= 1 or 2 * n * shape.numel() * dtype.itemsize < PARALLEL_MIN_BYTES:
         return call(0, n, *args)
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="tiered-codec")
     bounds = [n * w // workers for w in range(workers + 1)]
-    results = [f.result() for f in [_pool.submit(call, bounds[w], bounds[w + 1], *args) for w in range(workers)]]
+    pool = _thread_pool()
+    results = [f.result() for f in [pool.submit(call, bounds[w], bounds[w + 1], *args) for w in range(workers)]]
     if any(r < 0 for r in results):
         return -1
     return min((r for r in results if r > 0), default=0)
@@ -284,7 +294,6 @@ class BlockTable:
     def attend(self, q: torch.Tensor, q_positions: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q ([heads, n, head_dim] on the CPU) over the blocks: (out [heads, n,
         head_dim] fp32, lse [heads, n] fp32), as attend() returns them."""
-        global _pool
         lib, fmt, kv_heads, dim, tokens = _library(), self.fmt, self.kv_heads, self.dim, self.tokens
         heads, n, _ = q.shape
         rows, nb, base = heads // kv_heads * n, len(tokens), ctypes.addressof(self._table)
@@ -307,15 +316,68 @@ class BlockTable:
             lses = [torch.empty(kv_heads, rows, dtype=torch.float32)]  # [H, R]
             results = [call(0, nb, outs[0], lses[0])]
         else:  # blocks split over threads, each a partial result, merged by log-sum-exp
-            with _pool_lock:
-                if _pool is None:
-                    _pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="tiered-codec")
             bounds = [nb * w // workers for w in range(workers + 1)]
             outs = [torch.empty(kv_heads, rows, dim, dtype=torch.float32) for _ in range(workers)]
             lses = [torch.empty(kv_heads, rows, dtype=torch.float32) for _ in range(workers)]
-            futures = [_pool.submit(call, bounds[w], bounds[w + 1], outs[w], lses[w]) for w in range(workers)]
+            pool = _thread_pool()
+            futures = [pool.submit(call, bounds[w], bounds[w + 1], outs[w], lses[w]) for w in range(workers)]
             results = [f.result() for f in futures]
         if any(r < 0 for r in results):
             raise MemoryError("the CPU kernels could not allocate scratch memory")
         out, lse = merge_partials(list(zip(outs, lses)))
         return out.view(heads, n, dim), lse.view(heads, n)
+
+
+def attend_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: list[int] | torch.Tensor,
+                count: list[int] | torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of decode queries over spans of full-precision rows, every key visible, in one
+    fused call: (out [heads, n, head_dim] fp32, lse [heads, n] fp32), as attend() returns them.
+
+    q: [heads, n, head_dim] fp32 on the CPU; keys, values: contiguous fp32 tensors of one shape
+    whose first axis is the KV heads and last head_dim (a device pool), seen as rows [-1, head_dim];
+    first, count: the spans, [kv_heads · spans] ints head after head (or [kv_heads, spans] int64
+    tensors): KV head h reads rows first[h · spans + j] .. + count[h · spans + j] of each span j.
+    head_dim must be a multiple of 16 (the kernel's vectors)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are not available: {build_error()}")
+    heads, n, dim = q.shape
+    kv_heads = keys.shape[0]
+    if not (keys.is_cpu and values.is_cpu and keys.dtype == values.dtype == q.dtype == torch.float32
+            and keys.shape == values.shape and keys.shape[-1] == dim and keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError(f"keys and values must be contiguous fp32 CPU tensors of one shape [kv_heads, ..., {dim}], and q "
+                         f"fp32; got {keys.dtype} {tuple(keys.shape)}, {values.dtype} {tuple(values.shape)}, q {q.dtype}")
+    if dim % 16 or heads % kv_heads:
+        raise ValueError(f"head_dim {dim} must be a multiple of 16 and {heads} query heads a multiple of {kv_heads}")
+    rows = heads // kv_heads * n
+    if isinstance(first, torch.Tensor):
+        spans = first.shape[-1]
+        if not all(isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.is_contiguous() and t.is_cpu
+                   and t.shape == (kv_heads, spans) for t in (first, count)):
+            raise ValueError(f"first and count must be contiguous [{kv_heads}, spans] int64 CPU tensors")
+        first_ptr, count_ptr = first.data_ptr(), count.data_ptr()
+        reads = rows * dim * spans * int(count[0, 0])  # about: the spans are pages of one size
+    else:
+        spans = len(first) // kv_heads
+        if len(first) != kv_heads * spans or len(count) != len(first):
+            raise ValueError(f"first and count must hold {kv_heads} KV heads' spans each, got {len(first)} and {len(count)}")
+        table = (ctypes.c_int64 * (2 * len(first)))(*first, *count)
+        first_ptr = ctypes.addressof(table)
+        count_ptr, reads = first_ptr + 8 * len(first), rows * dim * sum(count)
+    grouped = q.reshape(kv_heads, rows, dim) * scale  # [kv_heads, rows, head_dim], a new contiguous tensor
+    out = torch.empty(kv_heads, rows, dim, dtype=torch.float32)  # [kv_heads, rows, head_dim]
+    lse = torch.empty(kv_heads, rows, dtype=torch.float32)  # [kv_heads, rows]
+    args = (grouped.data_ptr(), rows, dim, keys.data_ptr(), values.data_ptr(), keys.numel() // dim, spans,
+            first_ptr, count_ptr, out.data_ptr(), lse.data_ptr())
+    workers = min(kv_heads, torch.get_num_threads())
+    if workers <= 1 or reads < ATTEND_PARALLEL_MIN_CODES * 16:
+        result = lib.tiered_attend_rows(0, kv_heads, *args)
+    else:  # KV heads split over threads
+        bounds = [kv_heads * w // workers for w in range(workers + 1)]
+        futures = [_thread_pool().submit(lib.tiered_attend_rows, bounds[w], bounds[w + 1], *args) for w in range(workers)]
+        result = min(f.result() for f in futures)
+    if result == -2:
+        raise ValueError(f"a span reaches past the {keys.numel() // dim} rows of the pool, or before its start")
+    if result < 0:
+        raise MemoryError("the CPU kernels could not allocate scratch memory")
+    return out.view(heads, n, dim), lse.view(heads, n)
