@@ -167,9 +167,7 @@ def _count_device_read(placement: Placement, keys: list[BlockKey], touch: bool) 
     if placement.moved_unread:
         placement.note_read(keys)
     if touch:
-        step = placement.tick()
-        for key in keys:
-            placement.touch(key, DEVICE, step)
+        placement.touch_all(keys, DEVICE, placement.tick())
 
 
 def _locate(placement: Placement, keys: list[BlockKey], touch: bool) -> tuple[list[int], list[int], list[int], int]:

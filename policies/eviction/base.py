@@ -66,6 +66,12 @@ class EvictionPolicy(ABC):
         new = self.priority(key, stats)
         if new == old[0]:
             return
+        if self._sorted is None and self.monotone and new >= self._top and key not in self._late_keys:
+            self._seq += 1  # the newest block (a read): to the end, as _drop then _add would put it
+            self._entries[key] = (new, self._seq)
+            self._entries.move_to_end(key)
+            self._top = new
+            return
         if self._sorted is None and self.grouped and new[0] == old[0][0] and new >= self._group_top[new[0]]:
             self._seq += 1  # the newest of its group, which it stays in: to the group's end
             self._entries[key] = (new, self._seq)
