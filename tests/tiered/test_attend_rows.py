@@ -127,3 +127,24 @@ def test_device_runs_beside_quantized_blocks_merge_to_the_same_attention():
     position = torch.tensor([3 * BLOCK + 4])
     assert pool_spans([p for p in parts(True) if isinstance(p, DenseRun)]) is not None
     assert torch.allclose(attend_parts(q, parts(True), position), attend_parts(q, parts(False), position), atol=2e-6)
+
+
+def test_heads_split_over_threads_give_the_same_attention():
+    """A large read goes to torch's threads, KV heads apart: the same result as one thread."""
+    generator = torch.Generator().manual_seed(6)
+    keys_pool = torch.randn(KV_HEADS, 100, 64, DIM, generator=generator)  # 6,400 rows a head
+    values_pool = torch.randn(KV_HEADS, 100, 64, DIM, generator=generator)
+    q = torch.randn(3 * KV_HEADS, 1, DIM, generator=generator)
+    first, count = [0, 6400 + 100], [6000, 6000]  # enough rows to be split
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = cpu_kernels.attend_rows(q, keys_pool, values_pool, first, count, 0.2)
+        torch.set_num_threads(2)
+        split = cpu_kernels.attend_rows(q, keys_pool, values_pool, first, count, 0.2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(alone[0], split[0]) and torch.equal(alone[1], split[1])
+    spans = [[(0, 6000)], [(100, 6000)]]
+    expected_out, _ = reference(q * (0.2 * math.sqrt(DIM)), keys_pool, values_pool, spans)
+    assert torch.allclose(split[0], expected_out, atol=1e-5)
