@@ -98,8 +98,9 @@ def pool_spans(runs: list) -> tuple[Tensor, Tensor, list[int], list[int]] | None
     if any(run.pool_row is None for run in runs):
         return None
     keys_pool, values_pool = runs[0].keys._base, runs[0].values._base
-    if not keys_pool.is_cpu or keys_pool.dtype != torch.float32 or keys_pool.shape[-1] % 16 or not cpu_kernels.available():
-        return None
+    if (keys_pool.dim() != 4 or keys_pool._base is not None or not keys_pool.is_cpu or keys_pool.dtype != torch.float32
+            or keys_pool.shape[-1] % 16 or not cpu_kernels.available()):
+        return None  # not the pools themselves ([kv_heads, slots, block_tokens, head_dim]), or not for the kernel
     head_rows = keys_pool.shape[1] * keys_pool.shape[2]  # rows of one KV head: slots · block_tokens
     first = [run.pool_row + h * head_rows for h in range(keys_pool.shape[0]) for run in runs]
     return keys_pool, values_pool, first, [run.keys.shape[1] for run in runs] * keys_pool.shape[0]
