@@ -834,6 +834,11 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
     return 0;
 }
 
+/* c[u] = row t + u of a span of `count` rows from `span` (D floats each); `zero` past its end. */
+INLINE void span_rows(const float **c, const float *span, int64_t t, int64_t count, int64_t D, const float *zero) {
+    for (int64_t u = 0; u < AL; u++) c[u] = t + u < count ? span + (t + u) * D : zero;
+}
+
 /* Attention of R query rows per KV head over full-precision rows of one pool, every key visible
  * (a decode step): q: [H, R, D] fp32, scaled; row i of keys and values is kbase + i·D, vbase + i·D.
  * KV head h reads nspans spans, span j being rows [first[h·nspans + j], + count[h·nspans + j]).
@@ -864,11 +869,9 @@ int64_t tiered_attend_rows(int64_t h_begin, int64_t h_end, const float *q, int64
         /* scores: AL keys at a time, a named sum per key, one horizontal reduction for all AL */
         int64_t at = 0;
         for (int64_t j = 0; j < nspans; j++) {
-            const float *k = kbase + hf[j] * D;
             for (int64_t t = 0; t < hc[j]; t += AL) {
-                int64_t nt = min64(AL, hc[j] - t);
                 const float *c[AL];
-                for (int64_t u = 0; u < AL; u++) c[u] = u < nt ? k + (t + u) * D : zero;
+                span_rows(c, kbase + hf[j] * D, t, hc[j], D, zero);
                 for (int64_t r = 0; r < R; r++) {
                     vd d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, d4 = {0}, d5 = {0}, d6 = {0}, d7 = {0};
                     for (int64_t i = 0; i < D; i += DW) {
@@ -906,11 +909,10 @@ int64_t tiered_attend_rows(int64_t h_begin, int64_t h_end, const float *q, int64
         for (int64_t r = 0; r < R; r++) memset(acc + r * D, 0, sizeof(float) * (size_t)D);
         at = 0;
         for (int64_t j = 0; j < nspans; j++) {
-            const float *v = vbase + hf[j] * D;
             for (int64_t t = 0; t < hc[j]; t += AL) {
                 int64_t nt = min64(AL, hc[j] - t);
                 const float *c[AL];
-                for (int64_t u = 0; u < AL; u++) c[u] = u < nt ? v + (t + u) * D : zero;
+                span_rows(c, vbase + hf[j] * D, t, hc[j], D, zero);
                 for (int64_t r = 0; r < R; r++) {
                     const float *pr = s + r * padded + at + t;
                     float w[AL];
