@@ -211,12 +211,12 @@ class Placement:
 
     def touch_all(self, keys: Iterable[BlockKey], t: int, step: int) -> None:
         """touch(key, t, step) for each of `keys`, all in tier t: a read of many blocks."""
-        keys, tier_stats = list(keys), self.stats[t]
+        tier_stats, on_update = self.stats[t], self.policies[t].on_update
         for key in keys:
             stats = tier_stats[key]
             stats.hits += 1
             stats.last_access_step = step
-        self.policies[t].on_update_all(keys, tier_stats)
+            on_update(key, stats)
 
     def set_score(self, key: BlockKey, t: int, score: float) -> None:
         """Set the importance score tier t's eviction policy sees for `key`."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -80,25 +80,6 @@ class EvictionPolicy(ABC):
             return
         self._drop(key)
         self._add(key, new)
-
-    def on_update_all(self, keys: Iterable[Hashable], stats: Mapping[Hashable, BlockStats]) -> None:
-        """on_update(key, stats[key]) for each of `keys` (a read of many blocks)."""
-        if self._sorted is not None or not self.monotone:
-            for key in keys:
-                self.on_update(key, stats[key])
-            return
-        entries, priority, late = self._entries, self.priority, self._late_keys
-        for key in keys:  # on_update's monotone path, inline
-            new, old = priority(key, stats[key]), entries.get(key)
-            if old is not None and new == old[0]:
-                continue
-            if old is None or new < self._top or key in late:  # not tracked (a KeyError), or not the newest
-                self.on_update(key, stats[key])
-                continue
-            self._seq += 1
-            entries[key] = (new, self._seq)
-            entries.move_to_end(key)
-            self._top = new
 
     def on_remove(self, key: Hashable) -> None:
         self._drop(key)

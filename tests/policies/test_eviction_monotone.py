@@ -58,28 +58,3 @@ def test_in_order_arrivals_need_no_sorted_list(name):
 def test_lru_and_fifo_are_monotone():
     assert MONOTONE == ["fifo", "lru"]
 
-
-@pytest.mark.parametrize("name", sorted(EVICTION))
-def test_a_read_of_many_blocks_orders_them_as_one_update_each(name):
-    """on_update_all (a read of many blocks) leaves every policy in the order that on_update key by
-    key gives, with late arrivals among the keys read, and refuses a key it does not track."""
-    rng = random.Random(3)
-    one, many = make_eviction(name), make_eviction(name)
-    stats_one, stats_many = {}, {}
-    for key in range(30):  # every fifth arrives 500 steps old, as a renamed block does
-        clock = 1000 + key - (500 if key % 5 == 0 else 0)
-        for policy, stats in ((one, stats_one), (many, stats_many)):
-            stats[key] = BlockStats(1, "device", clock, clock, clock)
-            policy.on_insert(key, stats[key])
-    for step in range(1100, 1140):
-        read = rng.sample(range(30), 8)
-        for stats in (stats_one, stats_many):
-            for key in read:
-                stats[key].hits += 1
-                stats[key].last_access_step = step
-        for key in read:
-            one.on_update(key, stats_one[key])
-        many.on_update_all(read, stats_many)
-        assert list(many.candidates()) == list(one.candidates())
-    with pytest.raises(KeyError):
-        many.on_update_all([99], {99: BlockStats(1, "device", 0, 0, 0)})
