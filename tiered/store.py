@@ -231,9 +231,7 @@ class TieredStore:
                 keys_read, values_read = keys_read[:, :limit_tokens], values_read[:, :limit_tokens]
             yield keys_read, values_read
         finally:
-            with self._lock:
-                self._place.reading.discard(pinned)
-                self._unread.notify_all()
+            self._end_read(pinned)
 
     def read_pages(
         self, keys: Sequence[BlockKey], pages: torch.Tensor, page_tokens: int, tokens: int, touch: bool = False
@@ -274,9 +272,13 @@ class TieredStore:
             yield rows
         finally:
             if pinned is not None:
-                with self._lock:
-                    self._place.reading.discard(pinned)
-                    self._unread.notify_all()
+                self._end_read(pinned)
+
+    def _end_read(self, pinned) -> None:
+        """Let go of the blocks a read held in place (what Pins.add returned for it)."""
+        with self._lock:
+            self._place.reading.discard(pinned)
+            self._unread.notify_all()
 
     def _checked_pages(
         self, keys: Sequence[BlockKey], pages: torch.Tensor, page_tokens: int, tokens: int
@@ -320,9 +322,7 @@ class TieredStore:
         try:
             yield parts
         finally:
-            with self._lock:
-                self._place.reading.discard(pinned)
-                self._unread.notify_all()
+            self._end_read(pinned)
 
     def set_score(self, key: BlockKey, score: float) -> None:
         """Set the importance score the eviction policy sees for `key` (ignored if absent)."""
