@@ -1,6 +1,7 @@
 """transformers caches side by side on SmolLM2-135M: DynamicCache, DynamicCache(offloading=True),
 QuantizedCache (quanto / HQQ int4, where they install) and TieredCache (25% of the KV on the device,
-the rest in an int8 host tier), at each context length, in one run.
+the rest in an int8 host tier; with transformers' SDPA, which gets the history as tensors, and with the
+"tiered" attention, whose decode steps read the blocks where they lie), at each context length, in one run.
 
 For each cache and context: decode tok/s (teacher-forced decode of DynamicCache's own greedy
 continuation, one token a step; median and range of --runs runs, the caches taking turns), peak
@@ -26,7 +27,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, DynamicCache, QuantizedCache
 
 from runtime import load_model
-from runtime.hf import TieredCache
+from runtime.hf import ATTENTION, TieredCache
 from runtime.model.load import smollm2_135m
 from tiered import StoreConfig
 
@@ -52,15 +53,17 @@ def tiered_cache(config, tokens: int) -> TieredCache:
 
 
 def candidates(config, tokens: int) -> dict:
-    """name -> a function making a fresh cache (one that cannot run here raises when made or used)."""
-    makers = {
-        "DynamicCache": lambda: DynamicCache(config=config),
-        "DynamicCache(offloading=True)": lambda: DynamicCache(config=config, offloading=True),
-        "QuantizedCache quanto int4": lambda: QuantizedCache("quanto", config, nbits=4),
-        "QuantizedCache HQQ int4": lambda: QuantizedCache("hqq", config, nbits=4, axis_key=1, axis_value=1),
-        "TieredCache 25% device + int8 host": lambda: tiered_cache(config, tokens),
+    """name -> (a function making a fresh cache, the model's attention implementation for it); a cache
+    that cannot run here raises when made or used."""
+    return {
+        "DynamicCache": (lambda: DynamicCache(config=config), "sdpa"),
+        "DynamicCache(offloading=True)": (lambda: DynamicCache(config=config, offloading=True), "sdpa"),
+        "QuantizedCache quanto int4": (lambda: QuantizedCache("quanto", config, nbits=4), "sdpa"),
+        "QuantizedCache HQQ int4": (lambda: QuantizedCache("hqq", config, nbits=4, axis_key=1, axis_value=1), "sdpa"),
+        "TieredCache 25% device + int8 host, sdpa": (lambda: tiered_cache(config, tokens), "sdpa"),
+        # decode steps read the blocks where they lie (runtime.hf.attention)
+        "TieredCache 25% device + int8 host, tiered attention": (lambda: tiered_cache(config, tokens), ATTENTION),
     }
-    return makers
 
 
 def resident_kv_bytes(cache) -> dict[str, int]:
@@ -149,6 +152,7 @@ def main() -> None:
                         f"{args.decode_tokens} decode steps, {args.heldout_tokens} held-out tokens")
     for tokens in args.contexts:
         context, heldout = all_ids[:, :tokens], all_ids[:, tokens : tokens + args.heldout_tokens]
+        model.set_attn_implementation("sdpa")
         with torch.no_grad():
             greedy = model.generate(context, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
                                     do_sample=False, cache=DynamicCache(config=model.config))
@@ -156,9 +160,10 @@ def main() -> None:
         speeds: dict[str, list[float]] = {}
         results: dict[str, dict] = {}
         for run in range(args.runs):  # the caches take turns, so drift on the machine reaches them all
-            for name, make in candidates(model.config, tokens + args.decode_tokens).items():
+            for name, (make, attention) in candidates(model.config, tokens + args.decode_tokens).items():
                 if results.get(name, {}).get("error"):
                     continue
+                model.set_attn_implementation(attention)
                 try:
                     tok_s, agreement, held = decode(model, make, context, forced)
                     if run == 0:

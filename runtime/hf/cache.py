@@ -42,6 +42,10 @@ class TieredCache(Cache):
     `TieredCache.for_prompt(store, input_ids, config=...)` starts a cache already holding the longest
     prefix of `input_ids` that the store has. With a batch above 1 every block stays private.
 
+    Attention: with the model's attention implementation set to "tiered" (runtime.hf.ATTENTION) and
+    `config` given, a decode step without a padding mask reads the blocks where they lie instead of
+    copying the history into new tensors (runtime.hf.attention).
+
     `close()` (or `with TieredCache(...) as cache`) drops the private blocks and releases shared ones.
     """
 
@@ -73,7 +77,8 @@ class TieredCache(Cache):
         self.salt = salt
         self.reused_tokens = 0  # tokens for_prompt found in the store
         self._token_ids: list[int] = []  # the ids of the tokens held (and of the prompt ahead), batch 1
-        self.state = SequenceState(store, prefix=f"hf-{uuid.uuid4().hex[:16]}")
+        text_config = None if config is None else config.get_text_config(decoder=True)
+        self.state = SequenceState(store, prefix=f"hf-{uuid.uuid4().hex[:16]}", text_config=text_config)
         if config is None:
             super().__init__(layer_class_to_replicate=lambda: TieredLayer(self.state, len(self.layers)))
         else:

@@ -6,7 +6,9 @@ store's blocks: the partial last block of a row is private (`BlockKey(row namesp
 and with batch size 1 the full blocks whose token ids the cache knows are sealed under content keys
 (tiered.content), shared with every other cache and session of the same model. `update` returns the
 whole history read back from the store: device blocks as they are, lower-tier blocks decoded where
-they lie, so the returned K/V equal a DynamicLayer's whenever the codecs are raw.
+they lie, so the returned K/V equal a DynamicLayer's whenever the codecs are raw. When the model's
+attention is runtime.hf.attention's ("tiered"), a one-token step returns the new token marked as
+standing for the history instead, and that attention reads the blocks in the store.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from transformers.cache_utils import CacheLayerMixin
 from tiered import BlockKey, KVBlock, TieredStore
 from tiered.content import content_key, is_content_key
 
+from .attention import ATTENTION, defer
+
 
 @dataclass
 class SequenceState:
@@ -29,8 +33,14 @@ class SequenceState:
 
     store: TieredStore
     prefix: str
+    text_config: object = None  # the model's text config, when known: its attention implementation
     digests: list[bytes] = field(default_factory=list)
     serial: itertools.count = field(default_factory=itertools.count)
+
+    @property
+    def attention_reads_store(self) -> bool:
+        """Whether the model's attention is runtime.hf.attention's, which reads blocks where they lie."""
+        return getattr(self.text_config, "_attn_implementation", None) == ATTENTION
 
     def new_namespace(self) -> str:
         return f"{self.prefix}.{next(self.serial)}"
@@ -100,7 +110,9 @@ class TieredLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new tokens' K/V ([batch, kv_heads, new, head_dim]) and return every cached token's:
         two [batch, kv_heads, seq_length, head_dim] tensors that belong to the caller. No gradient flows
-        through them: this is a cache for inference, as the store's blocks are."""
+        through them: this is a cache for inference, as the store's blocks are. Under the "tiered"
+        attention, one new token per row returns those K/V marked for this layer instead
+        (runtime.hf.attention.defer): the attention reads the history from the store."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         else:
@@ -114,7 +126,9 @@ class TieredLayer(CacheLayerMixin):
                 raise TypeError(f"layer {self.layer_idx}: expected {self.dtype} K/V, got {key_states.dtype}")
         with torch.no_grad():  # an inference cache: stored K/V carry no autograd history
             self._append(key_states.detach(), value_states.detach())
-            return self._read_all()
+            if key_states.shape[2] == 1 and self.state.attention_reads_store:
+                return defer(key_states, self)  # a decode step: the "tiered" attention reads the blocks
+            return self.read_all()
 
     def get_seq_length(self) -> int:
         return self.tokens
@@ -260,7 +274,7 @@ class TieredLayer(CacheLayerMixin):
         if new and self.tokens % block_tokens < new:  # a block filled: seal it if its token ids are known
             self.seal_known()
 
-    def _read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's tokens, read back from the store: two [batch, kv_heads, tokens, head_dim] tensors."""
         store = self.state.store
         if len(self.rows) == 1:

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from tiered import BlockKey, TieredStore
 from tiered.codecs import cpu_kernels
 from tiered.codecs.attend_reference import merge_partials
 from tiered.gather import DenseRun, EncodedRun
@@ -162,3 +163,15 @@ def attend_parts(q: Tensor, parts: list, q_positions: Tensor) -> Tensor:
         partials.append(partial_attention(q, part.keys, part.values, masked, positions))
     out, _ = merge_partials(partials)
     return out.to(q.dtype)
+
+
+def attend_stored(store: TieredStore, keys: list[BlockKey], tokens: int, q: Tensor, q_positions: Tensor) -> Tensor:
+    """Causal attention of q over the first `tokens` tokens of one layer's blocks `keys` in `store`,
+    read where they lie: device runs with one softmax, quantized blocks through their codec's fused
+    kernel. KeyError if a block is not in the store.
+
+    q: [heads, n, head_dim]; q_positions: [n] int64. Returns [heads, n, head_dim] in q's dtype."""
+    with store.reading_parts(keys, limit_tokens=tokens) as parts:
+        if all(isinstance(part, DenseRun) and part.positions is None for part in parts):
+            return attention_over_runs(q, parts, q_positions)  # device runs, one softmax
+        return attend_parts(q, parts, q_positions)  # quantized blocks read where they lie

@@ -29,9 +29,8 @@ from policies import make_prefetch
 from tiered import BlockKey, KVBlock, TieredStore
 from tiered.checked import NonNegative, Positive, checked
 from tiered.content import content_key, is_content_key
-from tiered.gather import DenseRun
 
-from .attention import attend_parts, attention_over_runs, grouped_attention
+from .attention import attend_stored, grouped_attention
 from .sparse import SparseAttention
 
 MODES = ("exact", "sparse")
@@ -136,11 +135,7 @@ class KVManager:
                 with self.store.reading(self.block_keys[layer], limit_tokens=self.lengths[layer]) as (keys, values):
                     out, _ = grouped_attention(q, keys, values, positions)
             else:
-                with self.store.reading_parts(self.block_keys[layer], limit_tokens=self.lengths[layer]) as parts:
-                    if all(isinstance(part, DenseRun) and part.positions is None for part in parts):
-                        out = attention_over_runs(q, parts, positions)  # device runs, one softmax
-                    else:  # quantized blocks are read where they lie
-                        out = attend_parts(q, parts, positions)
+                out = attend_stored(self.store, self.block_keys[layer], self.lengths[layer], q, positions)
         except KeyError as error:
             raise self._lost(layer) from error
         self.counters.attended_tokens += self.lengths[layer]
