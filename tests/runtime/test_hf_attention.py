@@ -11,7 +11,9 @@ import torch
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from runtime.hf import ATTENTION, TieredCache
+from tiered import TieredStore
+
+from runtime.hf import ATTENTION, TieredCache, model_fingerprint
 from runtime.hf.attention import deferred_layer, tiered_attention
 
 from .test_hf_cache_tiny import GREEDY, SHAPE, assert_same_generation, left_padded_batch, tiers
@@ -108,3 +110,18 @@ def test_fused_read_equals_sdpa_over_the_history_with_any_scaling(models, tmp_pa
                                              scaling=1 / math.sqrt(16) if scaling is None else scaling)
     assert ours.shape == expected.shape == (1, 1, 4, 16)
     assert torch.allclose(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_later_turn_reads_the_shared_blocks_it_adopted(models, tmp_path):
+    reference_model, model = models
+    config = tiers(tmp_path, 3 * 100, layers=3, fingerprint=model_fingerprint(model.config))
+    first = torch.randint(1, SHAPE["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(12))
+    with TieredStore(config) as store:
+        with TieredCache.for_prompt(store, first, config=model.config) as cache:
+            out = model.generate(first, max_new_tokens=12, cache=cache, **GREEDY)
+            cache.commit(out.sequences)  # 51 tokens held: 3 full blocks sealed for the next turn
+        second = torch.cat([out.sequences, torch.randint(1, SHAPE["vocab_size"], (1, 9))], dim=1)  # [1, 61]
+        with TieredCache.for_prompt(store, second, config=model.config) as again:
+            assert again.reused_tokens == 48
+            ours = model.generate(second, max_new_tokens=10, cache=again, **GREEDY)
+    assert_same_generation(reference_model.generate(second, max_new_tokens=10, cache=DynamicCache(), **GREEDY), ours)
