@@ -1,13 +1,15 @@
 """transformers caches side by side on SmolLM2-135M: DynamicCache, DynamicCache(offloading=True),
 QuantizedCache (quanto / HQQ int4, where they install) and TieredCache (25% of the KV on the device,
 the rest in an int8 host tier; with transformers' SDPA, which gets the history as tensors, and with the
-"tiered" attention, whose decode steps read the blocks where they lie), at each context length, in one run.
+"tiered" attention, whose decode steps read the blocks where they lie; and sparse, each KV head reading
+an eighth of each layer), at each context length, in one run.
 
 For each cache and context: decode tok/s (teacher-forced decode of DynamicCache's own greedy
 continuation, one token a step; median and range of --runs runs, the caches taking turns), peak
 resident KV bytes per tier, greedy agreement with DynamicCache over those steps (does the cache's
 argmax equal DynamicCache's token?), and perplexity of the held-out tokens that follow the context
-in the text (one forward of them after the prefill).
+in the text (one forward of them after the prefill; for the sparse cache one decode step per token,
+since sparse reads are decode steps).
 
     python benchmarks/bench_hf.py [--contexts 4096 8192] [--decode-tokens 256] [--heldout-tokens 256] [--threads N]
     make bench-hf   # installs quanto and HQQ (the quant extra) first
@@ -19,7 +21,9 @@ import argparse
 import math
 import statistics
 import time
+from collections.abc import Callable
 from importlib import resources
+from typing import NamedTuple
 
 import torch
 from rich.console import Console
@@ -42,27 +46,35 @@ def kv_nbytes_per_token(config) -> int:
     return 2 * heads * head_dim * 4 * config.num_hidden_layers
 
 
-def tiered_cache(config, tokens: int) -> TieredCache:
+def tiered_cache(config, tokens: int, sparse: dict | None = None) -> TieredCache:
     """25% of `tokens` tokens' KV on the device (rounded down to whole blocks per layer), the rest int8 on the host."""
     block_nbytes = kv_nbytes_per_token(config) // config.num_hidden_layers * BLOCK_TOKENS
     blocks = config.num_hidden_layers * -(-tokens // BLOCK_TOKENS)
     device_blocks = int(blocks * DEVICE_FRACTION)
     store = StoreConfig(device="cuda" if torch.cuda.is_available() else "cpu", device_bytes=device_blocks * block_nbytes,
                         host_bytes=2 * blocks * block_nbytes, host_codec="int8", block_tokens=BLOCK_TOKENS)
-    return TieredCache(store, config=config)
+    return TieredCache(store, config=config, sparse=sparse)
 
 
-def candidates(config, tokens: int) -> dict:
-    """name -> (a function making a fresh cache, the model's attention implementation for it); a cache
-    that cannot run here raises when made or used."""
+class Candidate(NamedTuple):
+    make: Callable  # a fresh cache; one that cannot run here raises when made or used
+    attention: str = "sdpa"  # the model's attention implementation for it
+    stepwise: bool = False  # perplexity from one decode step per held-out token (sparse steps are decode steps)
+
+
+def candidates(config, tokens: int) -> dict[str, Candidate]:
+    budget = tokens // 8
     return {
-        "DynamicCache": (lambda: DynamicCache(config=config), "sdpa"),
-        "DynamicCache(offloading=True)": (lambda: DynamicCache(config=config, offloading=True), "sdpa"),
-        "QuantizedCache quanto int4": (lambda: QuantizedCache("quanto", config, nbits=4), "sdpa"),
-        "QuantizedCache HQQ int4": (lambda: QuantizedCache("hqq", config, nbits=4, axis_key=1, axis_value=1), "sdpa"),
-        "TieredCache 25% device + int8 host, sdpa": (lambda: tiered_cache(config, tokens), "sdpa"),
+        "DynamicCache": Candidate(lambda: DynamicCache(config=config)),
+        "DynamicCache(offloading=True)": Candidate(lambda: DynamicCache(config=config, offloading=True)),
+        "QuantizedCache quanto int4": Candidate(lambda: QuantizedCache("quanto", config, nbits=4)),
+        "QuantizedCache HQQ int4": Candidate(lambda: QuantizedCache("hqq", config, nbits=4, axis_key=1, axis_value=1)),
+        "TieredCache 25% device + int8 host, sdpa": Candidate(lambda: tiered_cache(config, tokens)),
         # decode steps read the blocks where they lie (runtime.hf.attention)
-        "TieredCache 25% device + int8 host, tiered attention": (lambda: tiered_cache(config, tokens), ATTENTION),
+        "TieredCache 25% device + int8 host, tiered attention": Candidate(lambda: tiered_cache(config, tokens), ATTENTION),
+        # each KV head reads an eighth of each layer: sinks, recent window and Quest's top pages
+        "TieredCache 25% device + int8 host, sparse 12.5%": Candidate(
+            lambda: tiered_cache(config, tokens, sparse={"budget_tokens": budget}), ATTENTION, stepwise=True),
     }
 
 
@@ -101,11 +113,15 @@ def _plain_tensors(packed) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def perplexity(model, make_cache, context: torch.Tensor, heldout: torch.Tensor) -> tuple[float, dict]:
-    """Perplexity of `heldout` after `context` (one forward of it), and the KV bytes each tier then holds."""
+def perplexity(model, make_cache, context: torch.Tensor, heldout: torch.Tensor, stepwise: bool) -> tuple[float, dict]:
+    """Perplexity of `heldout` after `context` (one forward of it, or with `stepwise` one decode step per
+    token), and the KV bytes each tier then holds."""
     cache = make_cache()
     model(context, cache=cache)
-    logits = model(heldout[:, :-1], cache=cache).logits[0]  # [heldout - 1, vocab]
+    if stepwise:
+        logits = torch.cat([model(heldout[:, i : i + 1], cache=cache).logits[0] for i in range(heldout.shape[1] - 1)])
+    else:
+        logits = model(heldout[:, :-1], cache=cache).logits[0]  # [heldout - 1, vocab]
     nll = torch.nn.functional.cross_entropy(logits.float(), heldout[0, 1:])
     held = resident_kv_bytes(cache)
     if hasattr(cache, "close"):
@@ -138,6 +154,8 @@ def main() -> None:
     parser.add_argument("--heldout-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--runs", type=int, default=3, help="decode runs per cache (median and range of tok/s)")
+    parser.add_argument("--caches", nargs="+", default=None,
+                        help="only the caches whose names contain one of these (DynamicCache, the baseline, always runs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = smollm2_135m()
@@ -147,7 +165,8 @@ def main() -> None:
     needed = max(args.contexts) + args.heldout_tokens
     ids = load_model("smollm2-135m").tokenizer.encode(text[: needed * 6])[:needed]
     all_ids = torch.tensor([ids], device=device)  # [1, needed]
-    table = Table("context", "cache", "tok/s (median, range)", "x DynamicCache", "device KV MiB", "host KV MiB", "agreement", "perplexity",
+    table = Table("context", "cache", "tok/s (median, range)", "x DynamicCache", "device KV MiB", "host KV MiB",
+                  "agreement", "perplexity",
                   title=f"SmolLM2-135M fp32 on {device}, torch {torch.__version__}, {args.threads} threads, "
                         f"{args.decode_tokens} decode steps, {args.heldout_tokens} held-out tokens")
     for tokens in args.contexts:
@@ -160,14 +179,15 @@ def main() -> None:
         speeds: dict[str, list[float]] = {}
         results: dict[str, dict] = {}
         for run in range(args.runs):  # the caches take turns, so drift on the machine reaches them all
-            for name, (make, attention) in candidates(model.config, tokens + args.decode_tokens).items():
-                if results.get(name, {}).get("error"):
+            for name, candidate in candidates(model.config, tokens + args.decode_tokens).items():
+                skipped = args.caches and name != "DynamicCache" and not any(c in name for c in args.caches)
+                if skipped or results.get(name, {}).get("error"):
                     continue
-                model.set_attn_implementation(attention)
+                model.set_attn_implementation(candidate.attention)
                 try:
-                    tok_s, agreement, held = decode(model, make, context, forced)
+                    tok_s, agreement, held = decode(model, candidate.make, context, forced)
                     if run == 0:
-                        ppl, held_ppl = perplexity(model, make, context, heldout)
+                        ppl, held_ppl = perplexity(model, candidate.make, context, heldout, candidate.stepwise)
                         peak = {p: max(held.get(p, 0), held_ppl.get(p, 0)) for p in {*held, *held_ppl}}
                         results[name] = {"agreement": agreement, "ppl": ppl, "kv": peak}
                 except Exception as error:  # a backend that is not installed or does not run on this device

@@ -61,8 +61,16 @@ def tiered_attention(
     if scaling is not None and not math.isclose(scaling, 1.0 / math.sqrt(head_dim)):
         query = query * (scaling * math.sqrt(head_dim))  # the fused read scales by 1/sqrt(head_dim)
     positions = torch.tensor([layer.tokens - 1], device=query.device)  # [1]: the new token's
-    with torch.no_grad():  # each row: [heads, 1, head_dim]
-        rows = [attend_stored(store, row.keys, layer.tokens, query[r], positions) for r, row in enumerate(layer.rows)]
+    sparse, tokens = layer.state.sparse, layer.tokens
+    if sparse is not None and not sparse.reads_sparse(layer.layer_idx, tokens):
+        sparse = None
+    rows = []
+    with torch.no_grad():
+        for r, row in enumerate(layer.rows):  # each row's output: [heads, 1, head_dim]
+            if sparse is None:
+                rows.append(attend_stored(store, row.keys, tokens, query[r], positions))
+            else:  # the pages an importance estimator picks per KV head
+                rows.append(sparse.attend(r, store, layer.layer_idx, row.keys, tokens, query[r], positions))
     out = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)  # [batch, heads, 1, head_dim]
     return out.transpose(1, 2), None  # [batch, 1, heads, head_dim]
 

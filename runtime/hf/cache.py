@@ -14,6 +14,7 @@ from tiered.content import chain_hashes, chain_root, content_key
 
 from .identity import check_store_fits, model_fingerprint
 from .layer import SequenceState, TieredLayer
+from .sparse import SparseRows
 
 
 class TieredCache(Cache):
@@ -29,6 +30,11 @@ class TieredCache(Cache):
         config        the model's config (`model.config`), when known up front; otherwise the layers are
                       made on the first `update`, all as TieredLayers
         salt          a tenant's cache salt: content keys with different salts never match
+        sparse        sparse decode steps, e.g. {"budget_tokens": 1024}: past the budget, each KV head of
+                      each layer (but the first `dense_layers`) reads its sinks, its recent window and
+                      the pages Quest ranks highest; every block stays in the store. Options as
+                      runtime.hf.sparse.SparseRows takes them. Needs `config` and the "tiered"
+                      attention; beam and contrastive search (row reordering) are refused
 
     Layers: full-attention layers are TieredLayers; sliding-window and chunked layers (Mistral,
     Gemma 2/3, Qwen with `use_sliding_window`) are kept as transformers' own dynamic layers, in memory.
@@ -56,6 +62,7 @@ class TieredCache(Cache):
         store: TieredStore | None = None,
         config=None,
         salt: str = "",
+        sparse: dict | None = None,
     ) -> None:
         if store_config is not None and store is not None:
             raise ValueError("TieredCache takes store_config (a new store) or store (a shared one), not both")
@@ -79,6 +86,13 @@ class TieredCache(Cache):
         self._token_ids: list[int] = []  # the ids of the tokens held (and of the prompt ahead), batch 1
         text_config = None if config is None else config.get_text_config(decoder=True)
         self.state = SequenceState(store, prefix=f"hf-{uuid.uuid4().hex[:16]}", text_config=text_config)
+        if sparse is not None:
+            try:
+                self.state.sparse = _sparse_rows(sparse, text_config, store)
+            except BaseException:
+                if self._owns_store:
+                    store.close()
+                raise
         if config is None:
             super().__init__(layer_class_to_replicate=lambda: TieredLayer(self.state, len(self.layers)))
         else:
@@ -211,6 +225,16 @@ class TieredCache(Cache):
         return f"TieredCache(layers={len(self.layers)}, tokens={self.get_seq_length()}, tiers={self.store.tier_names})"
 
 
+def _sparse_rows(options: dict, text_config, store: TieredStore) -> SparseRows:
+    """The sparse decode state of a cache of the model `text_config` over `store`."""
+    if text_config is None:
+        raise ValueError("a sparse TieredCache needs the model's config (config=model.config)")
+    heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return SparseRows(options, text_config.num_hidden_layers, kv_heads, head_dim, store.config.block_tokens,
+                      store.device)
+
+
 def _fill_in(store_config: StoreConfig, config) -> StoreConfig:
     """The store's config with the model's layer count and fingerprint where left unset."""
     if config is None:
@@ -231,7 +255,8 @@ def _token_list(token_ids: torch.Tensor | Sequence[int]) -> list[int]:
         if token_ids.dim() == 2 and token_ids.shape[0] == 1:
             token_ids = token_ids[0]
         if token_ids.dim() != 1 or token_ids.is_floating_point():
-            raise ValueError(f"expected the token ids of one sequence, [T] or [1, T]; got {token_ids.dtype} {tuple(token_ids.shape)}")
+            raise ValueError("expected the token ids of one sequence, [T] or [1, T]; "
+                             f"got {token_ids.dtype} {tuple(token_ids.shape)}")
         return [int(i) for i in token_ids.tolist()]
     if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
         raise TypeError(f"expected token ids as a tensor or a sequence of ints, got {type(token_ids).__name__}")

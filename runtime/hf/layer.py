@@ -24,6 +24,7 @@ from tiered import BlockKey, KVBlock, TieredStore
 from tiered.content import content_key, is_content_key
 
 from .attention import ATTENTION, defer
+from .sparse import SparseRows
 
 
 @dataclass
@@ -34,6 +35,7 @@ class SequenceState:
     store: TieredStore
     prefix: str
     text_config: object = None  # the model's text config, when known: its attention implementation
+    sparse: SparseRows | None = None  # sparse decode steps (under the "tiered" attention only)
     digests: list[bytes] = field(default_factory=list)
     serial: itertools.count = field(default_factory=itertools.count)
 
@@ -124,6 +126,11 @@ class TieredLayer(CacheLayerMixin):
                 )
             if key_states.dtype != self.dtype:
                 raise TypeError(f"layer {self.layer_idx}: expected {self.dtype} K/V, got {key_states.dtype}")
+        if self.state.sparse is not None and not self.state.attention_reads_store:
+            raise ValueError(
+                f"a sparse TieredCache needs the model's attention set to {ATTENTION!r}: "
+                f"model.set_attn_implementation({ATTENTION!r}) (it picks the pages each step reads)"
+            )
         with torch.no_grad():  # an inference cache: stored K/V carry no autograd history
             self._append(key_states.detach(), value_states.detach())
             if key_states.shape[2] == 1 and self.state.attention_reads_store:
@@ -146,6 +153,8 @@ class TieredLayer(CacheLayerMixin):
         self.tokens = 0
         self.keys = self.values = None
         self.is_initialized = False
+        if self.state.sparse is not None:
+            self.state.sparse.clear()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` tokens (a negative int, as DynamicLayer takes it)."""
@@ -189,6 +198,9 @@ class TieredLayer(CacheLayerMixin):
         self.rows = [Row(self.state.new_namespace(), list(keys))]
         self.users.update(keys)
         self.tokens = tokens
+        if self.state.sparse is not None and keys:  # page summaries of the adopted keys, read once
+            with self.state.store.reading(keys) as (stored_keys, _):  # [kv_heads, tokens, head_dim]
+                self.state.sparse.add(0, self.layer_idx, 0, stored_keys)
 
     def seal_known(self) -> None:
         """Seal every full private block whose content digest is known (batch size 1)."""
@@ -221,6 +233,8 @@ class TieredLayer(CacheLayerMixin):
             self.rows.append(kept)
         self._forget(old_rows)
         self.tokens = tokens
+        if self.state.sparse is not None:
+            self.state.sparse.truncate(tokens)
 
     def block_keys(self) -> list[list[BlockKey]]:
         """Each row's block keys, in order (a copy)."""
@@ -270,6 +284,9 @@ class TieredLayer(CacheLayerMixin):
             start = end
         if new_blocks:
             store.put_many(new_blocks)
+        if self.state.sparse is not None:
+            for r in range(len(self.rows)):
+                self.state.sparse.add(r, self.layer_idx, self.tokens, key_states[r])
         self.tokens += new
         if new and self.tokens % block_tokens < new:  # a block filled: seal it if its token ids are known
             self.seal_known()
@@ -311,6 +328,9 @@ class TieredLayer(CacheLayerMixin):
     def _select_rows(self, sources: list[int]) -> None:
         """New row r continues old row sources[r]: full blocks shared by reference, the partial last
         block copied for each new row (each row writes its own next tokens)."""
+        if self.state.sparse is not None:
+            raise ValueError("a sparse TieredCache does not reorder rows (beam search, contrastive search): "
+                             "use an exact one")
         if not self.rows:
             return
         block_tokens = self.state.block_tokens

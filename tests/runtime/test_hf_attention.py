@@ -11,12 +11,17 @@ import torch
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tiered import TieredStore
-
 from runtime.hf import ATTENTION, TieredCache, model_fingerprint
 from runtime.hf.attention import deferred_layer, tiered_attention
+from tiered import TieredStore
 
-from .test_hf_cache_tiny import GREEDY, SHAPE, assert_same_generation, left_padded_batch, tiers
+from .test_hf_cache_tiny import (
+    GREEDY,
+    SHAPE,
+    assert_same_generation,
+    left_padded_batch,
+    tiers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +130,42 @@ def test_a_later_turn_reads_the_shared_blocks_it_adopted(models, tmp_path):
             assert again.reused_tokens == 48
             ours = model.generate(second, max_new_tokens=10, cache=again, **GREEDY)
     assert_same_generation(reference_model.generate(second, max_new_tokens=10, cache=DynamicCache(), **GREEDY), ours)
+
+
+SPARSE = dict(budget_tokens=48, sink_tokens=16, window_tokens=16, dense_layers=1)
+
+
+def test_sparse_steps_read_a_budget_of_pages_and_all_of_it_when_it_covers_the_history(models, tmp_path):
+    reference_model, model = models
+    ids = torch.randint(1, SHAPE["vocab_size"], (1, 90), generator=torch.Generator().manual_seed(13))
+    reference = reference_model.generate(ids, max_new_tokens=20, cache=DynamicCache(), **GREEDY)
+    with TieredCache(tiers(tmp_path / "all", 120), config=model.config, sparse=SPARSE | {"budget_tokens": 512}) as cache:
+        assert_same_generation(reference, model.generate(ids, max_new_tokens=20, cache=cache, **GREEDY))
+    with TieredCache(tiers(tmp_path / "some", 120), config=model.config, sparse=SPARSE) as cache:
+        ours = model.generate(ids, max_new_tokens=20, cache=cache, **GREEDY)
+        summaries = cache.state.sparse.rows[0].summaries
+        assert [s.pages for s in summaries] == [-(-(90 + 19) // 16)] * 3  # every token's keys summarized
+        cache.crop(-30)  # assisted decoding's crop: the summaries follow
+        assert [s.pages for s in summaries] == [-(-(90 + 19 - 30) // 16)] * 3
+    # 48 of ~100 tokens per KV head in layers 1 and 2: not the exact result
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(reference.logits, ours.logits))
+
+
+def test_sparse_options_and_what_a_sparse_cache_refuses(models, tmp_path):
+    reference_model, model = models
+    with pytest.raises(ValueError, match="budget_tokens"):
+        TieredCache(tiers(tmp_path, 64), config=model.config, sparse={"sink_tokens": 16})
+    with pytest.raises(ValueError, match="unknown sparse options"):
+        TieredCache(tiers(tmp_path, 64), config=model.config, sparse={"budget_tokens": 64, "budget": 1})
+    with pytest.raises(ValueError, match="sparse mode needs budget_tokens >="):  # SparseAttention's own check
+        TieredCache(tiers(tmp_path, 64), config=model.config, sparse={"budget_tokens": 16})
+    with pytest.raises(ValueError, match="config"):
+        TieredCache(tiers(tmp_path, 64), sparse=SPARSE)
+    ids = torch.randint(1, SHAPE["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(14))
+    with TieredCache(tiers(tmp_path / "sdpa", 64), config=reference_model.config, sparse=SPARSE) as cache:
+        with pytest.raises(ValueError, match="set_attn_implementation"):  # SDPA would read everything
+            reference_model.generate(ids, max_new_tokens=2, cache=cache)
+    ids, mask = left_padded_batch(seed=15)
+    with TieredCache(tiers(tmp_path / "beams", 100 * 2), config=model.config, sparse=SPARSE) as cache:
+        with pytest.raises(ValueError, match="does not reorder rows"):
+            model.generate(ids, attention_mask=mask, cache=cache, num_beams=2, max_new_tokens=4, do_sample=False)

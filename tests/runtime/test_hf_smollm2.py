@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from runtime.hf import ATTENTION, TieredCache
+from runtime.passkey import passkey_prompt, passkeys
 from tiered import StoreConfig
 
 BLOCK_TOKENS = 64
@@ -85,7 +86,8 @@ def test_three_turns_through_one_cache_equal_dynamic_cache(hf_smollm2, prompt, t
     turns = [prompt[:, :300], prompt[:, 300:400], prompt[:, 400:460]]
     results = {}
     for name in ("dynamic", "tiered"):
-        cache = DynamicCache() if name == "dynamic" else TieredCache(quarter_on_device(tmp_path, 520, disk=False), config=hf_smollm2.config)
+        store_config = quarter_on_device(tmp_path, 520, disk=False)
+        cache = DynamicCache() if name == "dynamic" else TieredCache(store_config, config=hf_smollm2.config)
         conversation, steps = torch.empty(1, 0, dtype=torch.long), []
         for turn in turns:
             out = hf_smollm2.generate(torch.cat([conversation, turn], dim=1), max_new_tokens=16, cache=cache, **GREEDY)
@@ -98,3 +100,21 @@ def test_three_turns_through_one_cache_equal_dynamic_cache(hf_smollm2, prompt, t
         assert torch.equal(reference.sequences, ours.sequences)
         for expected, got in zip(reference.logits, ours.logits):
             assert torch.allclose(expected, got, atol=1e-5, rtol=0)
+
+
+@pytest.mark.timeout(900)
+def test_sparse_cache_finds_passkeys_reading_an_eighth_of_each_layer(hf_smollm2, smollm2, tmp_path):
+    # Quest pages per KV head at 12.5% of a ~1.9K-token haystack, the rest int8 on the host: the keys our
+    # own sparse sessions find there (bench_passkey.py misses only the shallowest, depth 0.05)
+    found = []
+    with attention(hf_smollm2, ATTENTION):
+        for key, depth in passkeys(4)[1:]:  # depths 0.35, 0.65, 0.95
+            ids = torch.tensor([passkey_prompt(smollm2.tokenizer, key, depth)])  # [1, ~1880]
+            budget = ids.shape[1] // 8
+            store = StoreConfig(device="cpu", device_bytes=32 << 20, host_bytes=128 << 20, host_codec="int8",
+                                block_tokens=BLOCK_TOKENS)
+            with TieredCache(store, config=hf_smollm2.config, sparse={"budget_tokens": budget}) as cache:
+                out = hf_smollm2.generate(ids, max_new_tokens=7, do_sample=False, cache=cache)
+                assert cache.store.stats()["tiers"]["host"]["blocks"] > 0
+            found.append(key in smollm2.tokenizer.decode(out[0, ids.shape[1]:].tolist()))
+    assert found == [True, True, True]
