@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .block import BlockKey
-from .codecs import Codec, Encoded, QuantizedCodec
+from .codecs import Codec, Encoded, QuantizedCodec, cpu_kernels
 from .placement import DEVICE, Placement
 
 VIEW_RUNS = 4  # device blocks in more runs of consecutive slots than this are gathered into one copy
@@ -128,19 +128,19 @@ def page_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The pages read_pages would copy (same arguments), left where they are: (keys pool, values
     pool, first rows, row counts; both [kv_heads, kept] int64), a pool seen as rows [-1, head_dim]:
-    KV head h's page j is rows first[h, j] .. + count[h, j]. None, with nothing counted, unless
-    every block of `keys` is on the device; else hits and touches are counted for `blocks` alone."""
+    KV head h's page j is rows first[h, j] .. + count[h, j]. None, with nothing counted, unless the
+    pool is in CPU memory (where tiered.codecs.cpu_kernels reads it) and every block of `keys` is
+    on the device; else hits and touches are counted for `blocks` alone."""
+    if not pages.is_cpu or not cpu_kernels.available():
+        return None
     block_slots = _device_slots(placement, keys)
     if block_slots is None:
         return None
     _count_device_read(placement, [keys[i] for i in blocks], touch)
     device, full = placement.device_tier, placement.layout.block_tokens
-    heads, slots = device.keys_pool.shape[:2]
-    per_block = full // page_tokens
-    head_rows = torch.arange(heads, device=pages.device)[:, None] * (slots * full)  # [kv_heads, 1]
-    first = head_rows + block_slots.to(pages.device)[pages // per_block] * full + pages % per_block * page_tokens
-    count = torch.full_like(first, page_tokens)  # [kv_heads, kept]
-    count[:, -1] -= -tokens % page_tokens  # a partial newest page, every head's last
+    slots = device.keys_pool.shape[1]
+    first, count = cpu_kernels.page_rows(pages, block_slots, full // page_tokens, page_tokens, full, slots * full,
+                                         -tokens % page_tokens)  # a partial newest page: every head's last, cut
     return device.keys_pool, device.values_pool, first, count
 
 

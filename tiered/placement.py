@@ -18,13 +18,14 @@ from itertools import islice
 
 import torch
 
-from policies import BlockStats, EvictionPolicy
+from policies import BlockStats
 
 from .block import BlockKey, BlockLayout, KVBlock
 from .codecs import Codec, Encoded
 from .content import is_content_key
 from .counters import TierCounters
 from .device import DeviceTier
+from .rooms import RoomPolicies
 from .tier import Tier
 
 DEVICE = 0  # index of the top tier
@@ -67,7 +68,8 @@ class Pins:
 
 
 class Placement:
-    """The tiers, top first, with each tier's codec (None for the device) and eviction policy.
+    """The tiers, top first, with each tier's codec (None for the device) and eviction policies
+    (tiered.rooms: one per room of the tier).
 
     `persistent`: the bottom tier keeps what it holds across processes (the disk tier). Blocks
     written through to it (`write_through`) are held twice: in the tier `where` names and in
@@ -78,7 +80,7 @@ class Placement:
         self,
         tiers: list[Tier],
         codecs: list[Codec | None],
-        policies: list[EvictionPolicy],
+        policies: list[RoomPolicies],
         device: torch.device,
         block_tokens: int,
         persistent: bool = False,
@@ -343,9 +345,9 @@ class Placement:
         """Tier t's eviction candidates in `room`, in the policy's order, without `leaving`,
         `protected` keys and blocks under read. Draw from it before demoting any (a demotion
         changes what the policy offers)."""
-        tier, reading = self.tiers[t], self.reading
-        for key in self.policies[t].candidates():
-            if key != leaving and key not in protected and key not in reading and tier.room_of(key) == room:
+        reading = self.reading
+        for key in self.policies[t].candidates(room):
+            if key != leaving and key not in protected and key not in reading:
                 yield key
 
     def demote_many(self, keys: list[BlockKey], t: int) -> None:

@@ -30,7 +30,7 @@ from policies.write import make_write
 
 from .block import BlockKey, BlockLayout, KVBlock
 from .checked import checked
-from .codecs import Codec, make_codec
+from .codecs import Codec, cpu_kernels, make_codec
 from .config import StoreConfig
 from .content import is_content_key
 from .counters import StoreCounters
@@ -39,6 +39,7 @@ from .disk import DiskTier
 from .gather import DenseRun, EncodedRun, page_rows, read_joined, read_pages, read_parts
 from .host import HostTier
 from .placement import DEVICE, NoRoom, Placement
+from .rooms import RoomPolicies
 from .scheduler import MOVED, SKIPPED, UP, Priority, Scheduler
 from .shared import SharedTier
 from .tier import Tier
@@ -59,7 +60,10 @@ class TieredStore:
         for spec, open_tier in self._lower_tiers(config):
             codecs.append(make_codec(spec))
             tiers.append(open_tier(codecs[-1]))
-        policies = [make_eviction(config.eviction, **config.eviction_kwargs) for _ in tiers]  # one per tier
+        policies = [  # one per room of each tier
+            RoomPolicies(lambda: make_eviction(config.eviction, **config.eviction_kwargs), tier.rooms, tier.room_of)
+            for tier in tiers
+        ]
         # the simulator's write decisions and the store's are one: policies.write's, by name
         persistent = config.disk_dir is not None or config.shared_dir is not None
         write_through = persistent and make_write(f"write-{config.disk_write}").write_now(hits=0)
@@ -259,8 +263,8 @@ class TieredStore:
         the device pools, for attention that reads them in place (tiered.codecs.cpu_kernels.attend_rows):
         (keys pool, values pool, first rows, row counts; both [kv_heads, kept] int64), the pools seen
         as rows [-1, head_dim]. Valid inside the `with` block, where the pages' blocks are held in
-        place. None, with nothing read or counted, unless every block of `keys` is on the device:
-        then read_pages reads them."""
+        place. None, with nothing read or counted, unless the device is the CPU and every block of
+        `keys` is on it: then read_pages reads them."""
         keys, pages, blocks = self._checked_pages(keys, pages, page_tokens, tokens)
         chosen = [keys[i] for i in blocks]
         self._scheduler.wait_for(chosen)
@@ -296,13 +300,15 @@ class TieredStore:
             raise ValueError(f"{len(keys)} blocks cannot hold a sequence of {tokens} tokens")
         if pages.dim() != 2 or pages.dtype != torch.int64 or pages.numel() == 0:
             raise ValueError(f"pages must be a non-empty [kv_heads, kept] int64 tensor, got {pages.dtype} {tuple(pages.shape)}")
-        if int(pages.min()) < 0 or int(pages.max()) >= held:
-            raise ValueError(f"pages must lie in 0..{held - 1}, the pages of {tokens} tokens")
-        if tokens % page_tokens and not bool((pages[:, -1] == held - 1).all()):
-            raise ValueError("the partial newest page must be the last page of every head")
-        pages = pages.to(self.device)
-        blocks = torch.unique(pages // (self.config.block_tokens // page_tokens)).tolist()  # ascending
-        return keys, pages, blocks
+        per_block = self.config.block_tokens // page_tokens
+        blocks = cpu_kernels.page_blocks(pages, held, per_block, bool(tokens % page_tokens)) if pages.is_cpu else None
+        if blocks is None:  # the same checks in torch
+            if int(pages.min()) < 0 or int(pages.max()) >= held:
+                raise ValueError(f"pages must lie in 0..{held - 1}, the pages of {tokens} tokens")
+            if tokens % page_tokens and not bool((pages[:, -1] == held - 1).all()):
+                raise ValueError("the partial newest page must be the last page of every head")
+            blocks = torch.unique(pages // per_block).tolist()  # ascending
+        return keys, pages.to(self.device), blocks
 
     @contextmanager
     def reading_parts(

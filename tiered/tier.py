@@ -29,6 +29,7 @@ class Tier(ABC):
     # a view of memory the tier holds: a reader that keeps it holds the block in memory beyond
     # the tier's capacity, so reads keep such items no longer than one read.
     get_copies: bool = False
+    rooms: int = 1  # how many parts room_of names (0..rooms-1)
 
     def allocate(self, layout: BlockLayout, item_bytes: int) -> None:
         """Size the tier for blocks of `layout`, a full one taking `item_bytes` as this tier stores it

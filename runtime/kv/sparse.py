@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from policies import PrefetchView, make_importance, make_prefetch
-from policies.importance import select_per_head
+from policies.importance import Quest, select_per_head
 from policies.prefetch.none import NoPrefetch
 from tiered import BlockKey, TieredStore
 from tiered.checked import NonNegative, checked
@@ -105,12 +105,18 @@ class SparseAttention:
         pages = -(-tokens // page)
         query = q[:, 0]  # [heads, head_dim]
         key_min, key_max = self.summaries[layer].bounds(pages)  # each [pages, kv_heads, head_dim]
-        scores = estimator.score(query, key_min, key_max)  # [kv_heads, pages]
-        keep = select_per_head(
-            scores, budget_blocks=self.budget_pages, sink_blocks=self.sink_pages, window_blocks=self.window_pages
-        )  # [kv_heads, kept], ascending: the newest page, in every head's window, comes last
-        read = keep.shape[1] * page - (-tokens % page)
         fused = self.fused and q.dtype == torch.float32 and not estimator.stateful
+        if fused and type(estimator) is Quest:  # scores and choice in one call, as the two lines below
+            scores, keep = cpu_kernels.quest_select(
+                query, key_min, key_max, budget_pages=self.budget_pages, sink_pages=self.sink_pages,
+                window_pages=self.window_pages,
+            )
+        else:
+            scores = estimator.score(query, key_min, key_max)  # [kv_heads, pages]
+            keep = select_per_head(
+                scores, budget_blocks=self.budget_pages, sink_blocks=self.sink_pages, window_blocks=self.window_pages
+            )  # [kv_heads, kept], ascending: the newest page, in every head's window, comes last
+        read = keep.shape[1] * page - (-tokens % page)
         out = self._attend_in_pool(store, keys, keep, tokens, q) if fused else None
         if out is None:  # the kept pages' keys and values: [kv_heads, read, head_dim] each
             chosen_keys, chosen_values = store.read_pages(keys, keep, page, tokens, touch=True)

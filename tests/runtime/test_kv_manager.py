@@ -123,8 +123,9 @@ def test_sparse_mode_with_a_budget_above_the_context_equals_exact(tiny):
 
 
 def test_sparse_pages_attended_in_the_pool_equal_pages_copied_out(tiny):
-    """A sparse step attends its kept pages where they lie in the device pool (one fused call); the
-    same steps reading the pages out first (read_pages, then attention) give the same logits."""
+    """A sparse step scores and chooses its pages in one C call (Quest, the default) and attends
+    them where they lie in the device pool (one fused call); the same steps scored in torch and
+    reading the pages out first (read_pages, then attention) give the same logits."""
     ids = prompt(tiny, 160)
     sparse = dict(mode="sparse", budget_tokens=6 * BLOCK_TOKENS, sink_tokens=8, window_tokens=16, dense_layers=0)
     logits = []

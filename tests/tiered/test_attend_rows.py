@@ -38,19 +38,37 @@ def reference(q, keys_pool, values_pool, spans_per_head):
     return torch.cat(outs)[:, None], torch.cat(lses)[:, None]
 
 
+def assert_equals_reference(q, keys_pool, values_pool, spans_per_head):
+    """attend_rows over each head's spans ((first row within the head, count)) equals reference."""
+    head_rows = SLOTS * BLOCK
+    first = [h * head_rows + f for h, spans in enumerate(spans_per_head) for f, _ in spans]
+    count = [c for spans in spans_per_head for _, c in spans]
+    out, lse = cpu_kernels.attend_rows(q, keys_pool, values_pool, first, count, 1 / math.sqrt(DIM))
+    expected_out, expected_lse = reference(q, keys_pool, values_pool, spans_per_head)
+    assert torch.allclose(out, expected_out, atol=2e-6)
+    assert torch.allclose(lse, expected_lse, atol=2e-6)
+
+
 @pytest.mark.parametrize("group", [1, 3])
 def test_spans_per_head_equal_attention_over_the_joined_rows(group):
     """Odd span lengths, spans that differ per head (sparse pages), GQA groups of 1 and 3."""
     keys_pool, values_pool = pools()
     q = torch.randn(KV_HEADS * group, 1, DIM, generator=torch.Generator().manual_seed(2))
-    head_rows = SLOTS * BLOCK
     spans = [[(3, 5), (40, 17), (90, 1)], [(0, 8), (10, 13), (60, 30)]]  # (first row within the head, count)
-    first = [h * head_rows + f for h, head in enumerate(spans) for f, _ in head]
-    count = [c for head in spans for _, c in head]
-    out, lse = cpu_kernels.attend_rows(q, keys_pool, values_pool, first, count, 1 / math.sqrt(DIM))
-    expected_out, expected_lse = reference(q, keys_pool, values_pool, spans)
-    assert torch.allclose(out, expected_out, atol=2e-6)
-    assert torch.allclose(lse, expected_lse, atol=2e-6)
+    assert_equals_reference(q, keys_pool, values_pool, spans)
+
+
+def test_many_scattered_spans_equal_attention_over_the_joined_rows():
+    """A sparse step's read: many short spans per head in shuffled slots, the last at the pool's
+    end (the kernel fetches the spans ahead while it reads one)."""
+    keys_pool, values_pool = pools(7)
+    q = torch.randn(2 * KV_HEADS, 1, DIM, generator=torch.Generator().manual_seed(8))
+    head_rows = SLOTS * BLOCK
+    spans = []
+    for h in range(KV_HEADS):
+        order = torch.randperm(head_rows // 4, generator=torch.Generator().manual_seed(h))[:20].tolist()
+        spans.append([(4 * page, 4) for page in order] + [(head_rows - 3, 3)])
+    assert_equals_reference(q, keys_pool, values_pool, spans)
 
 
 def test_a_head_without_keys_gets_zeros_and_minus_infinity():

@@ -212,7 +212,8 @@ def test_fp8_conversion_matches_torch_on_every_rounding_case():
 def test_other_builds_equal_the_reference(tmp_path, cflags):
     """The kernels as other CPUs build them, in a child: without x86 intrinsics (ARM and the
     rest), and with AVX2 + F16C but no AVX-512. Codes equal the reference bit for bit; attention
-    over them equals the reference's within float tolerance."""
+    over them, Quest's scores and choice, and attention over pool rows equal the torch code's
+    within float tolerance."""
     if cflags.startswith("-march=x86") and platform.machine() != "x86_64":
         pytest.skip("an x86 build")
     script = (
@@ -248,6 +249,23 @@ def test_other_builds_equal_the_reference(tmp_path, cflags):
         "        a = cpu_kernels.attend(fmt, q, pays, t, st, shape[0], qpos, 0.125)\n"
         "        b = attend_reference.attend_quantized(fmt, q, pays, t, st, shape[0], qpos, 0.125)\n"
         "        assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-4), (fmt, shape)\n"
+        "from policies.importance import Quest, select_per_head\n"
+        "for P, H, G in ((5, 2, 3), (37, 3, 2)):\n"
+        "    a, b = torch.randn(P, H, 64, generator=g), torch.randn(P, H, 64, generator=g)\n"
+        "    lo, hi = torch.minimum(a, b), torch.maximum(a, b)\n"
+        "    q = torch.randn(H * G, 64, generator=g)\n"
+        "    s, kept = cpu_kernels.quest_select(q, lo, hi, budget_pages=4, sink_pages=1, window_pages=1)\n"
+        "    assert torch.allclose(s, Quest().score(q, lo, hi), atol=1e-5), P\n"
+        "    assert torch.equal(kept, select_per_head(s, budget_blocks=4, sink_blocks=1, window_blocks=1)), P\n"
+        "kp, vp = torch.randn(2, 6, 16, 64, generator=g), torch.randn(2, 6, 16, 64, generator=g)\n"
+        "q = torch.randn(4, 1, 64, generator=g)\n"
+        "spans = [[(3, 5), (40, 17), (90, 6)], [(0, 8), (50, 13), (80, 16)]]\n"
+        "first = [h * 96 + f for h, head in enumerate(spans) for f, _ in head]\n"
+        "o, _ = cpu_kernels.attend_rows(q, kp, vp, first, [c for head in spans for _, c in head], 0.125)\n"
+        "for h, head in enumerate(spans):\n"
+        "    i = torch.cat([torch.arange(f, f + c) for f, c in head])\n"
+        "    w = torch.softmax(q[2 * h:2 * h + 2, 0] @ kp[h].reshape(-1, 64)[i].T * 0.125, -1)\n"
+        "    assert torch.allclose(o[2 * h:2 * h + 2, 0], w @ vp[h].reshape(-1, 64)[i], atol=1e-5), h\n"
         "print('portable ok')\n"
     )
     env = dict(os.environ, TIERED_CFLAGS=cflags, TIERED_CACHE_DIR=str(tmp_path))

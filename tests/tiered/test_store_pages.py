@@ -8,6 +8,7 @@ import torch
 
 from tests.conftest import random_block
 from tiered import BlockKey, StoreConfig, TieredStore
+from tiered.codecs import cpu_kernels
 
 HEADS, TOKENS, DIM, PAGE = 2, 4, 8, 2  # two pages per block
 BLOCK_BYTES = 2 * HEADS * TOKENS * DIM * 4
@@ -51,7 +52,10 @@ def test_pages_equal_the_same_tokens_of_a_joined_read(device_blocks, host_codec)
         assert [store.where(key) for key in keys] == where  # read where they lie, nothing moved
 
 
-def test_only_the_blocks_of_the_chosen_pages_are_read():
+@pytest.mark.parametrize("checks", ["C kernels", "torch"])
+def test_only_the_blocks_of_the_chosen_pages_are_read(checks, monkeypatch):
+    if checks == "torch":  # as where the kernels cannot be built
+        monkeypatch.setattr(cpu_kernels, "page_blocks", lambda *args: None)
     with TieredStore(config(device_blocks=8)) as store:
         keys = fill(store, 6)
         before = store.stats()["tiers"]["device"]["hits"]
@@ -105,7 +109,10 @@ def test_all_on_the_device_in_scattered_slots_and_after_a_block_moves():
         (torch.tensor([[0, 1]]), PAGE, 40, ValueError, "cannot hold"),
     ],
 )
-def test_bad_pages_are_refused(pages, page_tokens, tokens, error, match):
+@pytest.mark.parametrize("checks", ["C kernels", "torch"])
+def test_bad_pages_are_refused(pages, page_tokens, tokens, error, match, checks, monkeypatch):
+    if checks == "torch":  # as where the kernels cannot be built
+        monkeypatch.setattr(cpu_kernels, "page_blocks", lambda *args: None)
     with TieredStore(config(device_blocks=8)) as store:
         keys = fill(store, 5, last_tokens=3)
         with pytest.raises(error, match=match):

@@ -839,6 +839,26 @@ INLINE void span_rows(const float **c, const float *span, int64_t t, int64_t cou
     for (int64_t u = 0; u < AL; u++) c[u] = t + u < count ? span + (t + u) * D : zero;
 }
 
+/* A sparse step's spans are pages of 16 rows (4 KiB at head_dim 64) scattered over the pool. The
+ * hardware prefetcher starts over at each one, so each would wait out a memory latency: the span
+ * PREFETCH_AHEAD ahead is asked for (its first PREFETCH_BYTES, into L2) while this one is read.
+ * Measured on a 2-core EPYC VM, 64 pages of 16 rows per KV head from memory: 291 µs a call
+ * without, 175 µs with (the same rows in one run: 120 µs). */
+#define PREFETCH_AHEAD 3
+#define PREFETCH_BYTES 4096
+INLINE void prefetch_span(const float *span, int64_t count, int64_t D) {
+    int64_t bytes = count * D * (int64_t)sizeof(float);
+    bytes = bytes < PREFETCH_BYTES ? bytes : PREFETCH_BYTES;
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)span + b, 0, 2);
+}
+
+/* Spans j + PREFETCH_AHEAD of `base` asked for as span j is read (at j = 0, the ones before it too). */
+INLINE void prefetch_ahead(const float *base, const int64_t *first, const int64_t *count, int64_t j, int64_t nspans,
+                           int64_t D) {
+    for (int64_t a = j ? j + PREFETCH_AHEAD : 1; a <= j + PREFETCH_AHEAD && a < nspans; a++)
+        prefetch_span(base + first[a] * D, count[a], D);
+}
+
 /* Attention of R query rows per KV head over full-precision rows of one pool, every key visible
  * (a decode step): q: [H, R, D] fp32, scaled; row i of keys and values is kbase + i·D, vbase + i·D.
  * KV head h reads nspans spans, span j being rows [first[h·nspans + j], + count[h·nspans + j]).
@@ -869,6 +889,7 @@ int64_t tiered_attend_rows(int64_t h_begin, int64_t h_end, const float *q, int64
         /* scores: AL keys at a time, a named sum per key, one horizontal reduction for all AL */
         int64_t at = 0;
         for (int64_t j = 0; j < nspans; j++) {
+            prefetch_ahead(kbase, hf, hc, j, nspans, D);
             for (int64_t t = 0; t < hc[j]; t += AL) {
                 const float *c[AL];
                 span_rows(c, kbase + hf[j] * D, t, hc[j], D, zero);
@@ -909,6 +930,7 @@ int64_t tiered_attend_rows(int64_t h_begin, int64_t h_end, const float *q, int64
         for (int64_t r = 0; r < R; r++) memset(acc + r * D, 0, sizeof(float) * (size_t)D);
         at = 0;
         for (int64_t j = 0; j < nspans; j++) {
+            prefetch_ahead(vbase, hf, hc, j, nspans, D);
             for (int64_t t = 0; t < hc[j]; t += AL) {
                 int64_t nt = min64(AL, hc[j] - t);
                 const float *c[AL];
@@ -933,4 +955,126 @@ int64_t tiered_attend_rows(int64_t h_begin, int64_t h_end, const float *q, int64
     }
     free(s);
     return 0;
+}
+
+INLINE int any8(v8i mask) {
+    for (int u = 0; u < AL; u++)
+        if (mask[u]) return 1;
+    return 0;
+}
+
+/* The value that `k` of x[0..n) are at least (the k-th largest, 1 <= k <= n), found by quickselect
+ * in x, which it reorders. */
+static float kth_largest(float *x, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1; /* x[want] once [lo, hi] is sorted in descending order */
+    while (lo < hi) {
+        float pivot = x[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (x[i] > pivot) i++;
+            while (x[j] < pivot) j--;
+            if (i <= j) {
+                float t = x[i];
+                x[i] = x[j], x[j] = t, i++, j--;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return x[want];
+    }
+    return x[want];
+}
+
+/* Quest's bound of AL pages p0.. (the last one again past P, not stored) for KV head h: into sh. */
+INLINE int quest_pages(const float *q, int64_t G, int64_t D, const float *kmin, const float *kmax, int64_t H,
+                       int64_t P, int64_t h, int64_t p0, float *sh) {
+    const float *mn[AL], *mx[AL];
+    for (int u = 0; u < AL; u++) {
+        int64_t p = p0 + u < P ? p0 + u : P - 1;
+        mn[u] = kmin + (p * H + h) * D, mx[u] = kmax + (p * H + h) * D;
+    }
+    v8 best = splat8(-__builtin_inff());
+    for (int64_t g = 0; g < G; g++) {
+        const float *qg = q + (h * G + g) * D;
+        vd d[AL] = {{0}};
+        for (int64_t i = 0; i < D; i += DW) {
+            vd x = loadd(qg + i), zero = {0};
+            vd pos = (vd)((x > zero) & (__typeof__(x > zero))x), neg = x - pos; /* q+ and q- */
+            for (int u = 0; u < AL; u++) d[u] = fmad(pos, loadd(mx[u] + i), fmad(neg, loadd(mn[u] + i), d[u]));
+        }
+        v8 sums = hsum8x8(fold8(d[0]), fold8(d[1]), fold8(d[2]), fold8(d[3]), fold8(d[4]), fold8(d[5]), fold8(d[6]),
+                          fold8(d[7]));
+        if (any8(sums != sums)) return -3;
+        best = select8(sums > best, sums, best);
+    }
+    for (int u = 0; u < AL && p0 + u < P; u++) sh[p0 + u] = best[u];
+    return 0;
+}
+
+/* Quest's page scores and each KV head's pages in one call: policies.importance.quest's bound
+ * (max over a head's G query rows of sum_c max(q_c min_c, q_c max_c), as q+ . max + q- . min) and
+ * select_per_head's choice (the protected pages, sinks then the window newest first, cut at
+ * `kept`; then the highest scores; ties go to the older page). q: [H, G, D]; kmin, kmax: [P, H, D];
+ * protect: the protected pages in that order, nprotect of them. scores: [H, P] out; keep: [H, kept]
+ * out, ascending. `work` is scratch of 2P floats. Returns 0, or -3 when a score is NaN. The bounds
+ * are read once, in memory order (pages outer, heads inner): from memory they cost more than the
+ * arithmetic. */
+int64_t tiered_quest_select(const float *q, int64_t G, int64_t D, const float *kmin, const float *kmax, int64_t H,
+                            int64_t P, const int64_t *protect, int64_t nprotect, int64_t kept, float *scores,
+                            int64_t *keep, float *work) {
+    for (int64_t p0 = 0; p0 < P; p0 += AL)
+        for (int64_t h = 0; h < H; h++)
+            if (quest_pages(q, G, D, kmin, kmax, H, P, h, p0, scores + h * P)) return -3;
+    float *ranked = work, *pick = work + P;
+    for (int64_t h = 0; h < H; h++) {
+        const float *sh = scores + h * P;
+        for (int64_t p = 0; p < P; p++) ranked[p] = sh[p];
+        for (int64_t i = 0; i < nprotect && i < kept; i++) ranked[protect[i]] = __builtin_inff();
+        for (int64_t p = 0; p < P; p++) pick[p] = ranked[p];
+        float cut = kth_largest(pick, P, kept);
+        int64_t above = 0;
+        for (int64_t p = 0; p < P; p++) above += ranked[p] > cut;
+        int64_t ties = kept - above, n = 0;
+        int64_t *kh = keep + h * kept;
+        for (int64_t p = 0; p < P && n < kept; p++) {
+            if (ranked[p] > cut || (ranked[p] == cut && ties-- > 0)) kh[n++] = p;
+        }
+    }
+    return 0;
+}
+
+/* The blocks a sparse step's pages lie in, the pages checked (TieredStore.read_pages' rules).
+ * pages: [H, kept]; each must lie in 0..held-1, and with `partial` (the newest page is not full)
+ * every head's last must be held - 1. blocks: out, ascending, each once; mark: scratch of
+ * ceil(held / per_block) bytes. Returns how many blocks, -2 (a page outside) or -4 (a head's
+ * last page is not the partial newest). */
+int64_t tiered_page_blocks(const int64_t *pages, int64_t H, int64_t kept, int64_t held, int64_t per_block,
+                           int64_t partial, int64_t *blocks, uint8_t *mark) {
+    int64_t nblocks = (held + per_block - 1) / per_block, n = 0;
+    memset(mark, 0, (size_t)nblocks);
+    for (int64_t i = 0; i < H * kept; i++) {
+        if (pages[i] < 0 || pages[i] >= held) return -2;
+        mark[pages[i] / per_block] = 1;
+    }
+    for (int64_t h = 0; partial && h < H; h++)
+        if (pages[h * kept + kept - 1] != held - 1) return -4;
+    for (int64_t b = 0; b < nblocks; b++)
+        if (mark[b]) blocks[n++] = b;
+    return n;
+}
+
+/* Where checked pages lie in a device pool seen as rows: page p of KV head h is rows first[h, j]
+ * .. + count[h, j], first = h * head_rows + slots[p / per_block] * block_tokens + p % per_block *
+ * page_tokens, and count page_tokens, short_by less for each head's last (a partial newest page). */
+void tiered_page_rows(const int64_t *pages, int64_t H, int64_t kept, const int64_t *slots, int64_t per_block,
+                      int64_t page_tokens, int64_t block_tokens, int64_t head_rows, int64_t short_by, int64_t *first,
+                      int64_t *count) {
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t j = 0; j < kept; j++) {
+            int64_t p = pages[h * kept + j];
+            first[h * kept + j] = h * head_rows + slots[p / per_block] * block_tokens + p % per_block * page_tokens;
+            count[h * kept + j] = page_tokens;
+        }
+        count[h * kept + kept - 1] -= short_by;
+    }
 }

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from policies.importance.select import protected_blocks
+
 from ..atomic import atomic_path
 from . import reference
 from .attend_reference import merge_partials
@@ -98,6 +100,16 @@ def _build() -> ctypes.CDLL:
     lib.tiered_attend_rows.argtypes = [i64, i64, address, i64, i64, address, address, i64, i64, address, address,
                                        address, address]
     lib.tiered_attend_rows.restype = i64
+    # q, G, D, key_min, key_max, H, P, protected pages, how many, kept, scores, keep, scratch
+    lib.tiered_quest_select.argtypes = [address, i64, i64, address, address, i64, i64, address, i64, i64, address,
+                                        address, address]
+    lib.tiered_quest_select.restype = i64
+    # pages, H, kept, held, per_block, partial, blocks, mark
+    lib.tiered_page_blocks.argtypes = [address, i64, i64, i64, i64, i64, address, address]
+    lib.tiered_page_blocks.restype = i64
+    # pages, H, kept, slots, per_block, page_tokens, block_tokens, head_rows, short_by, first, count
+    lib.tiered_page_rows.argtypes = [address, i64, i64, address, i64, i64, i64, i64, i64, address, address]
+    lib.tiered_page_rows.restype = None
     return lib
 
 
@@ -381,3 +393,79 @@ def attend_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first
     if result < 0:
         raise MemoryError("the CPU kernels could not allocate scratch memory")
     return out.view(heads, n, dim), lse.view(heads, n)
+
+
+def quest_select(query: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, *, budget_pages: int,
+                 sink_pages: int, window_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest's scores and each KV head's pages in one call: (scores [kv_heads, pages] fp32, as
+    policies.importance.Quest.score gives them; keep [kv_heads, kept] int64, ascending, as
+    policies.importance.select_per_head chooses from them, ties to the older page).
+
+    query: [heads, head_dim] fp32; key_min, key_max: [pages, kv_heads, head_dim] fp32 (a layer's
+    KeySummaries.bounds), all on the CPU. head_dim must be a multiple of 16."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are not available: {build_error()}")
+    if query.dim() != 2 or key_min.dim() != 3 or key_min.shape != key_max.shape or key_min.shape[2] != query.shape[1]:
+        raise ValueError(f"query must be [heads, head_dim] and key_min, key_max [pages, kv_heads, head_dim]; got "
+                         f"{tuple(query.shape)}, {tuple(key_min.shape)}, {tuple(key_max.shape)}")
+    if not all(t.is_cpu and t.dtype == torch.float32 for t in (query, key_min, key_max)):
+        raise ValueError("query, key_min and key_max must be fp32 CPU tensors")
+    pages, kv_heads, dim = key_min.shape
+    if dim % 16 or query.shape[0] % kv_heads or pages == 0:
+        raise ValueError(f"head_dim {dim} must be a multiple of 16, {query.shape[0]} query heads a multiple of "
+                         f"{kv_heads}, and there must be pages; got {pages}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (budget_pages, sink_pages, window_pages)) \
+            or budget_pages < 1 or sink_pages < 0 or window_pages < 0:
+        raise ValueError(f"budget_pages must be a positive int and sink_pages, window_pages non-negative ints; got "
+                         f"{budget_pages!r}, {sink_pages!r}, {window_pages!r}")
+    kept = min(budget_pages, pages)
+    protect = protected_blocks(pages, sink_pages, window_pages)
+    table = (ctypes.c_int64 * max(1, len(protect)))(*protect)
+    q, low, high = query.contiguous(), key_min.contiguous(), key_max.contiguous()
+    scores = torch.empty(kv_heads, pages, dtype=torch.float32)  # [kv_heads, pages]
+    keep = torch.empty(kv_heads, kept, dtype=torch.int64)  # [kv_heads, kept]
+    work = torch.empty(2 * pages, dtype=torch.float32)  # [2 · pages] scratch
+    result = lib.tiered_quest_select(q.data_ptr(), query.shape[0] // kv_heads, dim, low.data_ptr(),
+                                     high.data_ptr(), kv_heads, pages, ctypes.addressof(table), len(protect), kept,
+                                     scores.data_ptr(), keep.data_ptr(), work.data_ptr())
+    if result == -3:
+        raise ValueError("scores must not contain NaN")
+    return scores, keep
+
+
+def page_blocks(pages: torch.Tensor, held: int, per_block: int, partial: bool) -> list[int] | None:
+    """The blocks ([n] ascending, each once) that a sparse step's pages ([kv_heads, kept] int64 on
+    the CPU) lie in, `per_block` pages to a block, the pages checked as TieredStore.read_pages
+    checks them: each in 0..held-1 and, with `partial`, every head's last held - 1. ValueError
+    otherwise. None when the kernels are not available (the caller checks in torch)."""
+    lib = _library()
+    if lib is None:
+        return None
+    pages = pages.contiguous()
+    nblocks = -(-held // per_block)
+    blocks = torch.empty(nblocks, dtype=torch.int64)  # [at most nblocks]
+    mark = torch.empty(nblocks, dtype=torch.uint8)  # scratch
+    n = lib.tiered_page_blocks(pages.data_ptr(), pages.shape[0], pages.shape[1], held, per_block, int(partial),
+                               blocks.data_ptr(), mark.data_ptr())
+    if n == -2:
+        raise ValueError(f"pages must lie in 0..{held - 1}")
+    if n == -4:
+        raise ValueError("the partial newest page must be the last page of every head")
+    return blocks[:n].tolist()
+
+
+def page_rows(pages: torch.Tensor, slots: torch.Tensor, per_block: int, page_tokens: int, block_tokens: int,
+              head_rows: int, short_by: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, count), each [kv_heads, kept] int64: where checked pages ([kv_heads, kept] int64)
+    lie in a device pool seen as rows, head_rows rows to a KV head: page p of head h starts at
+    h · head_rows + slots[p // per_block] · block_tokens + p % per_block · page_tokens and spans
+    page_tokens rows, short_by fewer for each head's last (a partial newest page)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are not available: {build_error()}")
+    pages, slots = pages.contiguous(), slots.contiguous()
+    first, count = torch.empty_like(pages), torch.empty_like(pages)  # each [kv_heads, kept]
+    lib.tiered_page_rows(pages.data_ptr(), pages.shape[0], pages.shape[1], slots.data_ptr(), per_block, page_tokens,
+                         block_tokens, head_rows, short_by, first.data_ptr(), count.data_ptr())
+    return first, count
