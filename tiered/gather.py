@@ -50,6 +50,22 @@ class EncodedRun:
 
 
 @dataclass(frozen=True, slots=True)
+class PageRows:
+    """A sparse step's pages where they lie. On the device: the pools (keys_pool, values_pool) seen
+    as rows [-1, head_dim], KV head h's page j being rows first[h, j] .. + count[h, j] (both
+    [kv_heads, kept] int64; count 0 for a page below the device). Below it: each lower tier's
+    blocks of the pages as stored (`below`), of which KV head h reads only the pages marked in
+    visible[h] ([kv_heads, pages] bool, pages of the read's page_tokens; None when none is below)."""
+
+    keys_pool: torch.Tensor
+    values_pool: torch.Tensor
+    first: torch.Tensor
+    count: torch.Tensor
+    below: list[EncodedRun]
+    visible: torch.Tensor | None
+
+
+@dataclass(frozen=True, slots=True)
 class _ReadPlan:
     """A layer's parts as read_parts built them, for the next read of the same keys while no block
     has moved (Placement.read_plans is emptied when one does). Only the device run `tail`, which
@@ -125,23 +141,51 @@ def read_pages(
 def page_rows(
     placement: Placement, keys: list[BlockKey], blocks: list[int], pages: torch.Tensor, page_tokens: int, tokens: int,
     touch: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The pages read_pages would copy (same arguments), left where they are: (keys pool, values
-    pool, first rows, row counts; both [kv_heads, kept] int64), a pool seen as rows [-1, head_dim]:
-    KV head h's page j is rows first[h, j] .. + count[h, j]. None, with nothing counted, unless the
-    pool is in CPU memory (where tiered.codecs.cpu_kernels reads it) and every block of `keys` is
-    on the device; else hits and touches are counted for `blocks` alone."""
-    if not pages.is_cpu or not cpu_kernels.available():
+) -> PageRows | None:
+    """The pages read_pages would copy (same arguments), left where they lie (see PageRows). None,
+    with nothing counted, unless the pool is in CPU memory (where tiered.codecs.cpu_kernels reads
+    it) and every block of `blocks` lies on the device or in a lower tier whose codec's kernel
+    reads int codes where they lie; else hits and touches are counted for `blocks` alone."""
+    if not pages.is_cpu or not cpu_kernels.available() or placement.layout is None:
         return None
+    device = placement.device_tier
+    full, pool_slots = placement.layout.block_tokens, device.keys_pool.shape[1]
+    short_by = -tokens % page_tokens  # a partial newest page: every head's last, cut
     block_slots = _device_slots(placement, keys)
-    if block_slots is None:
-        return None
-    _count_device_read(placement, [keys[i] for i in blocks], touch)
-    device, full = placement.device_tier, placement.layout.block_tokens
-    slots = device.keys_pool.shape[1]
-    first, count = cpu_kernels.page_rows(pages, block_slots, full // page_tokens, page_tokens, full, slots * full,
-                                         -tokens % page_tokens)  # a partial newest page: every head's last, cut
-    return device.keys_pool, device.values_pool, first, count
+    if block_slots is not None:  # the whole layer on the device: the fast path of a step
+        _count_device_read(placement, [keys[i] for i in blocks], touch)
+        first, count = cpu_kernels.page_rows(pages, block_slots, full // page_tokens, page_tokens, full,
+                                             pool_slots * full, short_by)
+        return PageRows(device.keys_pool, device.values_pool, first, count, [], None)
+    chosen = [keys[i] for i in blocks]
+    for key in chosen:
+        t = placement.where.get(key)
+        if t is not None and t != DEVICE and not _reads_in_place(placement.codecs[t]):
+            return None
+    tiers, slots, _, _ = _locate(placement, chosen, touch)
+    slot_of_block, on_device = [0] * len(keys), [False] * len(keys)
+    for i, t, slot in zip(blocks, tiers, slots):
+        if t == DEVICE:
+            slot_of_block[i], on_device[i] = slot, True
+    per_block = full // page_tokens
+    first, count = cpu_kernels.page_rows(pages, torch.tensor(slot_of_block), per_block, page_tokens, full,
+                                         pool_slots * full, short_by)
+    here = torch.tensor(on_device)[pages // per_block]  # [kv_heads, kept]: the page's block is on the device
+    visible = torch.zeros(pages.shape[0], -(-tokens // page_tokens), dtype=torch.bool)  # [kv_heads, pages]
+    visible.scatter_(1, pages, ~here)
+    below = []
+    for t in sorted(set(tiers) - {DEVICE}):
+        start_s = time.perf_counter()
+        rows = [j for j, tier in enumerate(tiers) if tier == t]
+        items = _items(placement, t, [chosen[j] for j in rows])
+        below.append(EncodedRun(placement.codecs[t], items, [blocks[j] * full for j in rows]))
+        placement.counters[t].read_s += time.perf_counter() - start_s
+    return PageRows(device.keys_pool, device.values_pool, first * here, count * here, below, visible if below else None)
+
+
+def _reads_in_place(codec: Codec) -> bool:
+    """Whether attention reads this lower tier's blocks from their codes (the fused kernels' int kinds)."""
+    return isinstance(codec, QuantizedCodec) and codec.fmt.kind == "int"
 
 
 def _device_slots(placement: Placement, keys: list[BlockKey]) -> torch.Tensor | None:

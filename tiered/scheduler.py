@@ -6,7 +6,8 @@ block: a request for a block already queued or moving joins that Move (one Futur
 its priority if it is more urgent. A newer plan under the same name (a sequence's next plan)
 supersedes the older one: the older plan's queued moves that the newer one does not ask for are
 cancelled. A read that needs a block still queued makes it urgent and waits for it (the time is
-counted as stall). Moves run one at a time, most urgent first, on one background mover.
+counted as stall), or, if it can read the block where it lies, cancels the move. Moves run one at
+a time, most urgent first, on one background mover.
 
 The scheduler decides when; the store's `move(key, protected)` callback does a move (through
 Placement, under the store's lock but for reading the disk tier) and says what it did: MOVED, UP (on the device already), or
@@ -168,22 +169,33 @@ class Scheduler:
         _finish(cancelled, resolved)
         return new.future
 
-    def wait_for(self, keys: Iterable[BlockKey]) -> float:
+    def wait_for(self, keys: Iterable[BlockKey], take_queued: bool = False) -> float:
         """Wait until no move of `keys` is queued or running (queued ones become urgent first);
-        the seconds waited, which are counted as stall. Call it without the store's lock."""
+        the seconds waited, which are counted as stall. With `take_queued` a queued move of `keys`
+        that no other read waits for is cancelled instead (the reader reads the block where it
+        lies), and only running ones are waited for. Call it without the store's lock."""
+        taken: list[Move] = []
+        resolved: list[_Plan] = []
         with self._cond:
             if not self._moves:
                 return 0.0
             waiting = [self._moves[key] for key in keys if key in self._moves]
-            if not waiting:
-                return 0.0
+            if take_queued:
+                taken = [move for move in waiting if move.state == QUEUED and not move.awaited]
+                resolved = self._drop(taken)
+                self._forget(resolved)
+                waiting = [move for move in waiting if move.state != DONE]
             for move in waiting:
                 move.awaited = True
                 if move.state == QUEUED and NOW.rank < move.rank:
                     move.rank = NOW.rank
                     self._push(move)
-            self._waiting_reads += 1
-            self._cond.notify()
+            if waiting:
+                self._waiting_reads += 1
+                self._cond.notify()
+        _finish(taken, resolved)
+        if not waiting:
+            return 0.0
         start_s = time.perf_counter()
         wait([move.future for move in waiting])
         waited_s = time.perf_counter() - start_s

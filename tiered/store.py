@@ -36,7 +36,7 @@ from .content import is_content_key
 from .counters import StoreCounters
 from .device import DeviceTier
 from .disk import DiskTier
-from .gather import DenseRun, EncodedRun, page_rows, read_joined, read_pages, read_parts
+from .gather import DenseRun, EncodedRun, PageRows, page_rows, read_joined, read_pages, read_parts
 from .host import HostTier
 from .placement import DEVICE, NoRoom, Placement
 from .rooms import RoomPolicies
@@ -258,16 +258,19 @@ class TieredStore:
     @contextmanager
     def reading_page_rows(
         self, keys: Sequence[BlockKey], pages: torch.Tensor, page_tokens: int, tokens: int, touch: bool = False
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-        """The pages read_pages would copy (same arguments, checks and counts), as spans of rows of
-        the device pools, for attention that reads them in place (tiered.codecs.cpu_kernels.attend_rows):
-        (keys pool, values pool, first rows, row counts; both [kv_heads, kept] int64), the pools seen
-        as rows [-1, head_dim]. Valid inside the `with` block, where the pages' blocks are held in
-        place. None, with nothing read or counted, unless the device is the CPU and every block of
-        `keys` is on it: then read_pages reads them."""
+    ) -> Iterator[PageRows | None]:
+        """The pages read_pages would copy (same arguments, checks and counts), where they lie, for
+        attention that reads them in place (tiered.gather.PageRows): spans of rows of the device
+        pools (tiered.codecs.cpu_kernels.attend_rows) and the quantized blocks below the device with
+        each head's pages marked (the codec's attend with `visible`). Valid inside the `with` block,
+        where the pages' blocks are held in place. None, with nothing read or counted, unless the
+        device is the CPU and every chosen block is on it or in an int-quantized lower tier: then
+        read_pages reads them."""
         keys, pages, blocks = self._checked_pages(keys, pages, page_tokens, tokens)
         chosen = [keys[i] for i in blocks]
-        self._scheduler.wait_for(chosen)
+        # on a CPU device, a block read where it lies costs less than its move up (a decode and an
+        # eviction's encode, on the cores attention uses): queued moves of the pages' blocks go
+        self._scheduler.wait_for(chosen, take_queued=self.device.type == "cpu")
         with self._lock:
             self._check_open()
             rows = page_rows(self._place, keys, blocks, pages, page_tokens, tokens, touch)

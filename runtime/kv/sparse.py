@@ -18,6 +18,7 @@ from policies.prefetch.none import NoPrefetch
 from tiered import BlockKey, TieredStore
 from tiered.checked import NonNegative, checked
 from tiered.codecs import cpu_kernels
+from tiered.codecs.attend_reference import merge_partials
 
 from .attention import grouped_attention
 from .summaries import KeySummaries
@@ -131,12 +132,18 @@ class SparseAttention:
         return out, read, wanted, scores
 
     def _attend_in_pool(self, store: TieredStore, keys: list[BlockKey], keep: Tensor, tokens: int, q: Tensor) -> Tensor | None:
-        """Attention over the kept pages where they lie in the device pool (one fused CPU call), or
-        None when some block of the layer is below the device (read_pages then gathers them)."""
+        """Attention over the kept pages where they lie: in the device pool (one fused CPU call) and
+        in int-quantized blocks below it (the codec's kernel, each head's pages marked), merged by
+        log-sum-exp; None when a kept page lies elsewhere (read_pages then gathers them)."""
+        scale = self.head_dim**-0.5
         with store.reading_page_rows(keys, keep, self.page_tokens, tokens, touch=True) as rows:
             if rows is None:
                 return None
-            return cpu_kernels.attend_rows(q, *rows, self.head_dim**-0.5)[0]
+            partials = [cpu_kernels.attend_rows(q, rows.keys_pool, rows.values_pool, rows.first, rows.count, scale)]
+            for run in rows.below:
+                partials.append(run.codec.attend(q, run.items, run.starts, None, scale, visible=rows.visible,
+                                                 page_tokens=self.page_tokens))
+        return partials[0][0] if len(partials) == 1 else merge_partials(partials)[0]
 
     def page_scores(self, layer: int, scores: Tensor) -> Tensor:
         """One score per page ([pages]) from attend's `scores` of `layer`: the estimator's ranking."""

@@ -122,20 +122,29 @@ def test_sparse_mode_with_a_budget_above_the_context_equals_exact(tiny):
         assert session.stats()["kv"]["sparse_steps"] == 0
 
 
-def test_sparse_pages_attended_in_the_pool_equal_pages_copied_out(tiny):
+@pytest.mark.parametrize("device_blocks", [1024, 2 * 4], ids=["all on the device", "most in int8 below"])
+def test_sparse_pages_attended_in_the_pool_equal_pages_copied_out(tiny, device_blocks):
     """A sparse step scores and chooses its pages in one C call (Quest, the default) and attends
-    them where they lie in the device pool (one fused call); the same steps scored in torch and
-    reading the pages out first (read_pages, then attention) give the same logits."""
+    them where they lie: in the device pool (one fused call) and, below the device, in the int8
+    codes (the fused kernel, each head's pages marked). The same steps scored in torch and reading
+    the pages out first (read_pages decodes, then attention) give the same logits."""
     ids = prompt(tiny, 160)
     sparse = dict(mode="sparse", budget_tokens=6 * BLOCK_TOKENS, sink_tokens=8, window_tokens=16, dense_layers=0)
+    config = store_config(tiny, device_blocks=device_blocks, host_codec="int8" if device_blocks < 1024 else "raw")
     logits = []
     for fused in (True, False):
-        with Session(tiny, store_config(tiny, device_blocks=1024), **sparse) as session:
+        with Session(tiny, config, **sparse) as session:
             assert session.kv.sparse.fused  # head_dim 16, fp32 on the CPU
             session.kv.sparse.fused = fused
             run(tiny, session, ids[:150])
+            copied = []  # the steps that read their pages out (read_pages)
+            read_pages = session.store.read_pages
+            session.store.read_pages = lambda *args, **kwargs: copied.append(1) or read_pages(*args, **kwargs)
             logits.append(torch.cat([session.extend([token]) for token in ids[150:]]))  # decode steps
             assert session.stats()["kv"]["sparse_steps"] == tiny.config.num_layers * 10
+            assert len(copied) == (0 if fused else tiny.config.num_layers * 10)
+            tiers = session.store.stats()["tiers"]
+            assert (tiers["host"]["hits"] > 0) == (device_blocks < 1024)
     assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=0)
 
 

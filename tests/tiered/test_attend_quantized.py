@@ -18,7 +18,7 @@ from tiered.codecs import Encoded, cpu_kernels, make_codec
 from tiered.codecs.attend_reference import attend_quantized, merge_partials
 
 from ..conftest import cuda
-from .attend_cases import CASES, make_case
+from .attend_cases import CASES, Case, make_case
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,6 +121,51 @@ def test_a_query_that_sees_no_key_gets_zero_and_minus_infinity():
         out, lse = attend(fmt, q, payloads, list(case.tokens), list(case.starts), case.kv_heads, positions, 0.125)
         assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0])) and bool(torch.isneginf(lse[:, 0]).all())
         assert bool(torch.isfinite(lse[:, 1:]).all())
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_cpu_kernel_with_a_page_mask_reads_only_each_heads_pages(bits):
+    """A sparse step's read below the device: each KV head sees only its marked pages (whole
+    blocks unmarked for a head are skipped); equal to attention over those tokens of the
+    dequantized blocks, head by head, with pages of 16 positions and of 12."""
+    case = Case("masked", bits, 32 if bits == 2 else 64, 3, 6, 64, 1, (64, 64, 64, 37), False)
+    q, payloads, _ = make_case(case)
+    fmt = make_codec(f"int{bits}", group=case.group).fmt
+    pages = 16  # 15 pages of 16 positions hold the 229 tokens
+    visible = torch.zeros(3, pages, dtype=torch.bool)
+    visible[0, [0, 5, 14]] = True  # head 0 sees nothing of blocks 1 and 3's first pages
+    visible[1, [1, 2, 3, 14]] = True  # head 1: all of block 0, nothing of blocks 1 and 2
+    visible[2, 8:15] = True
+    odd = torch.zeros(3, 20, dtype=torch.bool)  # pages of 12 positions: not aligned to blocks or the kernel's 8 keys
+    odd[0, [0, 6, 19]] = odd[1, [5, 6]] = odd[2, 1:20:3] = True
+    table = cpu_kernels.BlockTable(fmt, payloads, list(case.tokens), list(case.starts), 3, 64)
+    keys, values = dequantized(case, payloads)  # [kv_heads, 229, 64] each
+    for mask, page_tokens in ((visible, 16), (odd, 12)):
+        out, lse = table.attend(q, None, 0.125, visible=mask, page_tokens=page_tokens)
+        for h in range(3):
+            rows = torch.nonzero(mask[h].repeat_interleave(page_tokens)[: keys.shape[1]]).flatten()
+            heads = slice(2 * h, 2 * h + 2)
+            scores = q[heads, 0] @ keys[h, rows].T * 0.125  # [2, visible tokens]
+            torch.testing.assert_close(out[heads, 0], torch.softmax(scores, -1) @ values[h, rows], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lse[heads, 0], torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+    whole = table.attend(q, None, 0.125, visible=torch.ones(3, pages, dtype=torch.bool), page_tokens=16)
+    plain = table.attend(q, None, 0.125)
+    assert torch.equal(whole[0], plain[0]) and torch.equal(whole[1], plain[1])
+
+
+def test_a_bad_page_mask_is_refused():
+    case = CASES[0]
+    q, payloads, _ = make_case(case)
+    table = cpu_kernels.BlockTable(make_codec("int8").fmt, payloads, list(case.tokens), list(case.starts), 3, 64)
+    for visible, page_tokens, match in [
+        (torch.ones(3, 12, dtype=torch.bool), 0, "positive int"),
+        (torch.ones(3, 12, dtype=torch.bool), 16.0, "positive int"),
+        (torch.ones(3, 11, dtype=torch.bool), 16, "covering 192"),
+        (torch.ones(2, 12, dtype=torch.bool), 16, r"\[3, pages\]"),
+        (torch.ones(3, 12, dtype=torch.uint8), 16, "bool"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            table.attend(q, None, 0.125, visible=visible, page_tokens=page_tokens)
 
 
 def test_merged_partials_equal_attention_over_all_keys():

@@ -212,8 +212,8 @@ def test_fp8_conversion_matches_torch_on_every_rounding_case():
 def test_other_builds_equal_the_reference(tmp_path, cflags):
     """The kernels as other CPUs build them, in a child: without x86 intrinsics (ARM and the
     rest), and with AVX2 + F16C but no AVX-512. Codes equal the reference bit for bit; attention
-    over them, Quest's scores and choice, and attention over pool rows equal the torch code's
-    within float tolerance."""
+    over them (all pages, or each head's marked pages), Quest's scores and choice, and attention
+    over pool rows equal the torch code's within float tolerance."""
     if cflags.startswith("-march=x86") and platform.machine() != "x86_64":
         pytest.skip("an x86 build")
     script = (
@@ -249,6 +249,11 @@ def test_other_builds_equal_the_reference(tmp_path, cflags):
         "        a = cpu_kernels.attend(fmt, q, pays, t, st, shape[0], qpos, 0.125)\n"
         "        b = attend_reference.attend_quantized(fmt, q, pays, t, st, shape[0], qpos, 0.125)\n"
         "        assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-4), (fmt, shape)\n"
+        "        if n == 1:  # pages of 16 marked: block 0's four only, as if it were alone\n"
+        "            vis = torch.zeros(3, 12, dtype=torch.bool); vis[:, :4] = True\n"
+        "            m = cpu_kernels.BlockTable(fmt, pays, t, st, 3, 64).attend(q, None, 0.125, visible=vis, page_tokens=16)\n"
+        "            o = cpu_kernels.attend(fmt, q, pays[:1], t[:1], st[:1], 3, None, 0.125)\n"
+        "            assert torch.allclose(m[0], o[0], atol=1e-5) and torch.allclose(m[1], o[1], atol=1e-5), fmt\n"
         "from policies.importance import Quest, select_per_head\n"
         "for P, H, G in ((5, 2, 3), (37, 3, 2)):\n"
         "    a, b = torch.randn(P, H, 64, generator=g), torch.randn(P, H, 64, generator=g)\n"

@@ -297,3 +297,30 @@ def test_another_threads_change_of_a_block_under_read_waits_for_the_read(tmp_pat
             assert keys.equal(block(6).keys)
         writer.join(WAIT_S)
         assert not writer.is_alive() and store.get(key(6)).equal(block(60))
+
+
+def test_a_read_in_place_cancels_the_queued_moves_of_its_blocks_and_waits_for_a_running_one(tmp_path):
+    """On a CPU device a sparse step's read (reading_page_rows) takes a queued block where it lies:
+    its move is cancelled, not waited for. A move already running is waited for."""
+    keys = [key(i) for i in range(10)]  # 160 tokens; pages of 16 tokens: page i is block i
+    with filled(tmp_path) as (store, disk):
+        with mover_held(disk, store, 0):
+            queued = store.prefetch([key(1)], plan=("s", 0))
+            with store.reading_page_rows(keys, torch.tensor([[1, 9], [1, 9]]), TOKENS, 10 * TOKENS) as rows:
+                assert rows is None  # raw blocks below the device: read_pages would read them
+            assert queued.result(WAIT_S) == 0  # settled while the mover is still held: cancelled
+            done = []
+
+            def read_block_0() -> None:
+                with store.reading_page_rows(keys, torch.tensor([[0, 9], [0, 9]]), TOKENS, 10 * TOKENS) as rows:
+                    done.append(rows)
+
+            reader = threading.Thread(target=read_block_0)
+            reader.start()
+            wait_until(lambda: store.stats()["prefetch"]["waiting_reads"] == 1)  # block 0 is moving
+            assert not done
+        reader.join(WAIT_S)
+        assert len(done) == 1 and done[0].below == []  # block 0 came up: both pages in the pool
+        stats = store.stats()
+        assert stats["prefetch"]["cancelled_blocks"] == 1 and stats["prefetch"]["stalled_reads"] == 1
+        assert disk.moved == [0] and store.where(key(1)) == "disk" and store.where(key(0)) == "device"

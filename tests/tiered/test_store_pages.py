@@ -129,7 +129,7 @@ def test_a_block_not_stored_is_a_key_error():
 
 def rows_read(rows: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens reading_page_rows' spans name, head by head: [kv_heads, read, head_dim] each."""
-    keys_pool, values_pool, first, count = rows
+    keys_pool, values_pool, first, count = rows.keys_pool, rows.values_pool, rows.first, rows.count
     heads = keys_pool.shape[0]
     index = [torch.cat([torch.arange(f, f + c) for f, c in zip(first[h].tolist(), count[h].tolist())]) for h in range(heads)]
     return (torch.stack([keys_pool.reshape(-1, DIM)[i] for i in index]),
@@ -166,3 +166,39 @@ def test_page_rows_are_none_and_count_nothing_when_a_block_is_below_the_device()
         with pytest.raises(ValueError, match="partial newest page"):
             with store.reading_page_rows(keys, torch.tensor([[9, 3]]), PAGE, tokens=19):
                 pass
+
+
+def test_pages_below_the_device_in_int8_are_read_where_they_lie():
+    """Most blocks in an int8 host tier: the device pages are spans of the pool (count 0 for the
+    others), the host blocks of the pages come as stored with each head's pages marked, and
+    attention over both equals attention over what read_pages decodes and copies."""
+    from runtime.kv.attention import grouped_attention
+    from tiered.codecs.attend_reference import merge_partials
+
+    dim = 16  # the kernels' vectors
+    config = StoreConfig(device="cpu", device_bytes=2 * 2 * HEADS * TOKENS * dim * 4, host_bytes=1 << 20,
+                         block_tokens=TOKENS, host_codec="int8")
+    with TieredStore(config) as store:
+        keys = [BlockKey("s", 0, i) for i in range(5)]
+        sizes = [TOKENS] * 4 + [3]  # 19 tokens: the newest page holds one
+        store.put_many((key, random_block(HEADS, n, dim, torch.float32, seed=i)) for i, (key, n) in enumerate(zip(keys, sizes)))
+        where = [store.where(key) for key in keys]
+        assert where.count("device") == 2 and where.count("host") == 3
+        q = torch.randn(2 * HEADS, 1, dim, generator=torch.Generator().manual_seed(9))
+        want_k, want_v = store.read_pages(keys, PAGES, PAGE, tokens=19)
+        expected, _ = grouped_attention(q, want_k, want_v, torch.tensor([18]))
+        before = store.stats()["tiers"]
+        with store.reading_page_rows(keys, PAGES, PAGE, tokens=19) as rows:
+            assert rows is not None and [len(run.items) for run in rows.below] == [3]
+            with pytest.raises(RuntimeError, match="being read"):
+                store.remove(keys[0])
+            device_pages = rows.count > 0
+            assert torch.equal(rows.visible.gather(1, PAGES), ~device_pages)
+            partials = [cpu_kernels.attend_rows(q, rows.keys_pool, rows.values_pool, rows.first, rows.count, dim**-0.5)]
+            run = rows.below[0]
+            partials.append(run.codec.attend(q, run.items, run.starts, None, dim**-0.5, visible=rows.visible,
+                                             page_tokens=PAGE))
+        after = store.stats()["tiers"]
+        assert after["host"]["hits"] - before["host"]["hits"] == 3 and after["device"]["hits"] - before["device"]["hits"] == 2
+        assert [store.where(key) for key in keys] == where  # read where they lie, nothing moved
+        torch.testing.assert_close(merge_partials(partials)[0], expected, atol=1e-5, rtol=1e-5)

@@ -676,13 +676,24 @@ static const uint8_t *codes_of(const uint8_t *packed, int64_t first, int64_t cou
     return scratch;
 }
 
+/* Whether KV head h sees any key of positions [first, first + count): pages of vpage positions,
+ * visible[h * vpages + page] (a sparse step's choice), or every one when visible is NULL. */
+INLINE int sees(const uint8_t *visible, int64_t vpages, int64_t vpage, int64_t h, int64_t first, int64_t count) {
+    if (visible == NULL) return 1;
+    for (int64_t p = first / vpage, last = (first + count - 1) / vpage; p <= last; p++)
+        if (visible[h * vpages + p]) return 1;
+    return 0;
+}
+
 /* q: [H, R, D] fp32, scaled; qpos: [n] or NULL (every key visible); row r is query r % n.
- * Blocks b: payload address, tokens, first position and 6 offsets (as for encode). out: [H, R, D]
- * normalized over these blocks, lse: [H, R] (-inf, out 0 where a row sees no key). Returns 0 or -1
- * (no memory). */
+ * Blocks b: payload address, tokens, first position and 6 offsets (as for encode). visible: NULL,
+ * or [H, vpages] bytes: KV head h sees only the positions of the pages (vpage positions each)
+ * marked in its row, and skips the AL keys at a time and the blocks it sees nothing of. out: [H, R, D] normalized over these blocks, lse: [H, R]
+ * (-inf, out 0 where a row sees no key). Returns 0 or -1 (no memory). */
 int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int64_t *qpos, int64_t n, int64_t R,
                       int64_t H, int64_t D, int64_t nblocks, const int64_t *payloads, const int64_t *tokens,
-                      const int64_t *starts, const int64_t *offs, int bits, int64_t G, float *out, float *lse) {
+                      const int64_t *starts, const int64_t *offs, int bits, int64_t G, float *out, float *lse,
+                      const uint8_t *visible, int64_t vpages, int64_t vpage) {
     int64_t Dp = (D + LANES - 1) / LANES * LANES, ngv = (D + G - 1) / G, tmax = 1;
     for (int64_t b = 0; b < nblocks; b++) tmax = tokens[b] > tmax ? tokens[b] : tmax;
     int64_t tcodes = tmax;
@@ -705,6 +716,7 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
             const uint8_t *p = (const uint8_t *)payloads[b];
             const int64_t *o = offs + 6 * b;
             int64_t T = tokens[b], ng = (T + G - 1) / G;
+            if (!sees(visible, vpages, vpage, h, starts[b], T)) continue;
             /* scores */
             const uint8_t *kc = codes_of(p + o[4], h * T * D, T * D, bits, scratch);
             for (int64_t g = 0; g < ng; g++) {
@@ -721,6 +733,7 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
                 }
                 for (int64_t t = g * G, end = min64(T, t + G); t < end; t += AL) {
                     int64_t nt = min64(AL, end - t); /* scores past the group's end are written, then overwritten */
+                    if (!sees(visible, vpages, vpage, h, starts[b] + t, nt)) continue; /* masked below */
                     for (int64_t j = 0; j < AL; j++)
                         if (j < nt) codes_row(kc + (t + j) * D, D, cf + j * Dp, Dp);
                         else memset(cf + j * Dp, 0, sizeof(float) * (size_t)Dp);
@@ -745,6 +758,9 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
                 if (qpos != NULL)
                     for (int64_t t = 0; t < T; t++)
                         if (starts[b] + t > qpos[r % n]) sr[t] = -__builtin_inff();
+                if (visible != NULL)
+                    for (int64_t t = 0; t < T; t++)
+                        if (!visible[h * vpages + (starts[b] + t) / vpage]) sr[t] = -__builtin_inff();
                 v8 top8 = splat8(-__builtin_inff());
                 for (int64_t t = 0; t < T; t += AL) {
                     v8 x = select8(AL_INDEX < (int)(T - t), load8(sr + t), splat8(-__builtin_inff()));
@@ -775,6 +791,7 @@ int64_t tiered_attend(int64_t h_begin, int64_t h_end, const float *q, const int6
             const uint16_t *vmin16 = (const uint16_t *)(p + o[2]), *vscale16 = (const uint16_t *)(p + o[3]);
             for (int64_t t = 0; t < T; t += AL) {
                 int64_t nt = min64(AL, T - t); /* rows past nt are zeros, and so are their weights */
+                if (!sees(visible, vpages, vpage, h, starts[b] + t, nt)) continue; /* weights 0 */
                 memset(vm, 0, sizeof(float) * (size_t)(AL * ngv));
                 for (int64_t j = 0; j < AL; j++) { /* row j of cf: token t + j's codes times their scales */
                     float *row = cf + j * Dp;

@@ -94,7 +94,7 @@ def _build() -> ctypes.CDLL:
         function.restype = i64
     # h_begin, h_end, q, qpos, n, R, H, D, blocks, payloads, tokens, starts, offsets, bits, group, out, lse
     lib.tiered_attend.argtypes = [i64, i64, address, address, i64, i64, i64, i64, i64, address, address, address,
-                                  address, i32, i64, address, address]
+                                  address, i32, i64, address, address, address, i64, i64]
     lib.tiered_attend.restype = i64
     # h_begin, h_end, q, R, D, key rows, value rows, rows, spans, first rows, row counts, out, lse
     lib.tiered_attend_rows.argtypes = [i64, i64, address, i64, i64, address, address, i64, i64, address, address,
@@ -299,13 +299,16 @@ class BlockTable:
             table[3 * nb :] = layouts[tokens[0]].offsets() * nb
         else:
             table[3 * nb :] = [o for count in tokens for o in layouts[count].offsets()]
-        self.fmt, self.kv_heads, self.dim, self.tokens = fmt, kv_heads, dim, list(tokens)
+        self.fmt, self.kv_heads, self.dim, self.tokens, self.starts = fmt, kv_heads, dim, list(tokens), list(starts)
         self._codes = sum(tokens) * kv_heads * dim
         self._payloads, self._table = payloads, table
 
-    def attend(self, q: torch.Tensor, q_positions: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, q: torch.Tensor, q_positions: torch.Tensor | None, scale: float,
+               visible: torch.Tensor | None = None, page_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q ([heads, n, head_dim] on the CPU) over the blocks: (out [heads, n,
-        head_dim] fp32, lse [heads, n] fp32), as attend() returns them."""
+        head_dim] fp32, lse [heads, n] fp32), as attend() returns them. `visible`: [kv_heads, pages]
+        bool, pages of `page_tokens` positions: KV head h then reads only the pages marked in
+        visible[h] (a sparse step's)."""
         lib, fmt, kv_heads, dim, tokens = _library(), self.fmt, self.kv_heads, self.dim, self.tokens
         heads, n, _ = q.shape
         rows, nb, base = heads // kv_heads * n, len(tokens), ctypes.addressof(self._table)
@@ -313,13 +316,15 @@ class BlockTable:
         grouped = (q.float().reshape(kv_heads, rows, dim) * scale).contiguous()
         positions = None if q_positions is None else q_positions.to(torch.int64).contiguous()
         position_ptr = 0 if positions is None else positions.data_ptr()
+        mask = None if visible is None else self._checked_mask(visible, page_tokens)  # [kv_heads, pages] uint8
+        mask_args = (0, 0, 0) if mask is None else (mask.data_ptr(), mask.shape[1], page_tokens)
 
         def call(first: int, last: int, out: torch.Tensor, lse: torch.Tensor) -> int:
             """Blocks [first, last) into out [H, R, D] and lse [H, R]."""
             return lib.tiered_attend(
                 0, kv_heads, grouped.data_ptr(), position_ptr, n, rows, kv_heads, dim, last - first,
                 base + 8 * first, base + 8 * (nb + first), base + 8 * (2 * nb + first), base + 8 * (3 * nb + 6 * first),
-                fmt.bits, fmt.group, out.data_ptr(), lse.data_ptr(),
+                fmt.bits, fmt.group, out.data_ptr(), lse.data_ptr(), *mask_args,
             )
 
         workers = min(nb, torch.get_num_threads())
@@ -338,6 +343,18 @@ class BlockTable:
             raise MemoryError("the CPU kernels could not allocate scratch memory")
         out, lse = merge_partials(list(zip(outs, lses)))
         return out.view(heads, n, dim), lse.view(heads, n)
+
+    def _checked_mask(self, visible: torch.Tensor, page_tokens: int) -> torch.Tensor:
+        """`visible` as the kernel reads it ([kv_heads, pages] uint8), checked against the blocks."""
+        if isinstance(page_tokens, bool) or not isinstance(page_tokens, int) or page_tokens <= 0:
+            raise ValueError(f"page_tokens must be a positive int, got {page_tokens!r}")
+        ends = max(start + count for start, count in zip(self.starts, self.tokens))
+        if not (isinstance(visible, torch.Tensor) and visible.dtype == torch.bool and visible.is_cpu
+                and visible.dim() == 2 and visible.shape[0] == self.kv_heads and visible.shape[1] * page_tokens >= ends):
+            raise ValueError(f"visible must be a [{self.kv_heads}, pages] bool CPU tensor covering {ends} positions in "
+                             f"pages of {page_tokens}; got {getattr(visible, 'dtype', type(visible).__name__)} "
+                             f"{tuple(getattr(visible, 'shape', ()))}")
+        return visible.to(torch.uint8).contiguous()
 
 
 def attend_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first: list[int] | torch.Tensor,

@@ -187,6 +187,8 @@ class QuantizedCodec(Codec):
         q_positions: torch.Tensor | None = None,
         scale: float | None = None,
         memo: dict | None = None,
+        visible: torch.Tensor | None = None,
+        page_tokens: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q ([heads, n, head_dim]) over these blocks, read from their codes without
         dequantizing them (attend_reference.py defines it); block i's first token sits at position
@@ -194,7 +196,9 @@ class QuantizedCodec(Codec):
         for attend_reference.merge_partials. Payloads elsewhere than q are copied to q's device
         (the compact bytes cross the bus). Fused kernels: C on the CPU and Triton on CUDA for the
         "int" kinds; the reference otherwise. `memo`: a dict the caller keeps with these same
-        blocks (unchanged) and starts; the checks and the C kernel's block table are kept there."""
+        blocks (unchanged) and starts; the checks and the C kernel's block table are kept there.
+        `visible` ([kv_heads, pages] bool, pages of `page_tokens` positions): KV head h reads only
+        the pages marked in visible[h] (a sparse step's), in the C kernel only (ValueError else)."""
         if not encoded:
             raise ValueError("attend needs at least one block")
         kv_heads, _, dim = encoded[0].shape
@@ -203,7 +207,9 @@ class QuantizedCodec(Codec):
         scale = dim**-0.5 if scale is None else scale
         table = None if memo is None else memo.get("cpu table")
         if table is not None and q.is_cpu:
-            return table.attend(q, q_positions, scale)
+            return table.attend(q, q_positions, scale, visible, page_tokens)
+        if visible is not None and not (self.fmt.kind == "int" and q.is_cpu and cpu_kernels.available()):
+            raise ValueError("attention over marked pages runs in the C kernel: int codes, q on the CPU")
         self._checked_batches(encoded)
         if q.is_cpu:
             payloads = [_on_cpu(item).payload for item in encoded]
@@ -216,7 +222,7 @@ class QuantizedCodec(Codec):
             table = cpu_kernels.BlockTable(self.fmt, payloads, tokens, starts, kv_heads, dim)
             if memo is not None:
                 memo["cpu table"] = table
-            return table.attend(q, q_positions, scale)
+            return table.attend(q, q_positions, scale, visible, page_tokens)
         return attend_reference.attend_quantized(self.fmt, q, payloads, tokens, starts, kv_heads, q_positions, scale)
 
     def _checked_batches(self, encoded: Sequence[Encoded]) -> list[list[int]]:
