@@ -6,7 +6,8 @@ victim walks past the blocks of every other room first: at 30 layers, about a hu
 each block a prefetch brings up. Each room keeps its own policy instead, so its first candidate
 is the victim. Within a room the order is the one a single policy would give for policies whose
 priority is a block's own statistics (LRU, FIFO, LFU, importance); adaptive ones (ARC, S3-FIFO)
-adapt to each room as to a cache of its own.
+adapt to each room as to a cache of its own (so an ARC `capacity_blocks` given in the store's
+eviction_kwargs is a room's capacity).
 """
 
 from __future__ import annotations
