@@ -28,6 +28,8 @@ import platform
 import time
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from tiered import CODECS, KVBlock, make_codec
 from tiered.codecs import cpu_kernels, reference, triton_kernels
@@ -67,7 +69,8 @@ def make_batch(count: int, kv_heads: int, head_dim: int, device: str = "cpu") ->
     return keys.to(device), values.to(device)
 
 
-def cpu_rows(kv_heads: int, head_dim: int, count: int, repeats: int) -> list[str]:
+def cpu_table(kv_heads: int, head_dim: int, count: int, repeats: int, n: int) -> Table:
+    """The rows of one shape, one block at a time (n = 1) or `count` at once."""
     keys, values = make_batch(count, kv_heads, head_dim)
     blocks = [KVBlock(k, v) for k, v in zip(keys, values)]
     input_bytes = 2 * keys.numel() * 2
@@ -83,44 +86,41 @@ def cpu_rows(kv_heads: int, head_dim: int, count: int, repeats: int) -> list[str
         one_keys.copy_(one.keys)
         one_values.copy_(one.values)
 
-    lines = []
-    for label, n in (("1 block", 1), (f"{count} blocks", count)):
-        lines.append(f"  {kv_heads}x{TOKENS}x{head_dim} fp16, {label} ({n * one.nbytes / 1024:.0f} KiB):")
-        lines.append(f"    {'codec':<18}{'bytes/block':>12}{'saved':>7}{'copy_ GB/s':>12}{'encode GB/s':>13}"
-                     f"{'ratio':>7}{'decode GB/s':>13}{'ratio':>7}{'encode_many ratio':>19}")
-        for name in [*sorted(CODECS), "int8 reference", "int4 reference"]:
-            codec = make_codec(name.split()[0])
-            is_reference = name.endswith("reference")
-            allocating_s = None  # encode_many's seconds (new payloads), for the N-block rows
-            batch = blocks if n > 1 else [one]
-            if is_reference and n > 1:
-                batch = blocks[: max(1, min(count, 16))]  # the reference is slow; GB/s is per byte anyway
-            nbytes = codec.encoded_nbytes(kv_heads, TOKENS, head_dim, torch.float16)
-            bytes_in = 2 * sum(b.keys.numel() for b in batch) * 2
-            copy_s = best_s(copy_one if n == 1 else copy_all, repeats) * (1 if n == 1 else bytes_in / input_bytes)
-            if is_reference:
-                outs = [torch.empty(nbytes, dtype=torch.uint8) for _ in batch]
-                ks, vs = [b.keys for b in batch], [b.values for b in batch]
-                encode_s = best_s(lambda: reference.encode(codec.fmt, ks, vs, outs), repeats, 0.0)
-                dk, dv = [torch.empty_like(k) for k in ks], [torch.empty_like(v) for v in vs]
-                decode_s = best_s(lambda: reference.decode(codec.fmt, outs, dk, dv), repeats, 0.0)
-            elif n == 1:
-                out = torch.empty(nbytes, dtype=torch.uint8)
-                encode_s = best_s(lambda: codec.encode_into(one, out), repeats)
-                encoded = codec.encode(one)
-                decode_s = best_s(lambda: codec.decode(encoded, "cpu"), repeats)
-            else:
-                outs = [torch.empty(nbytes, dtype=torch.uint8) for _ in batch]
-                encode_s = best_s(lambda: codec.encode_many_into(batch, outs), repeats)
-                allocating_s = best_s(lambda: codec.encode_many(batch), repeats)
-                encoded = codec.encode_many(batch)
-                decode_s = best_s(lambda: codec.decode_many(encoded, "cpu"), repeats)
-            gbs = lambda s: bytes_in / s / 1e9  # noqa: E731
-            saved = 1 - nbytes / one.nbytes
-            lines.append(f"    {name:<18}{nbytes:>12}{saved:>7.0%}{gbs(copy_s):>12.2f}{gbs(encode_s):>13.2f}"
-                         f"{copy_s / encode_s:>7.2f}{gbs(decode_s):>13.2f}{copy_s / decode_s:>7.2f}"
-                         + (f"{copy_s / allocating_s:>19.2f}" if allocating_s else f"{'-':>19}"))
-    return lines
+    label = "1 block" if n == 1 else f"{count} blocks"
+    table = Table("codec", "bytes/block", "saved", "copy_ GB/s", "encode GB/s", "ratio", "decode GB/s", "ratio",
+                  "encode_many ratio", title=f"{kv_heads}x{TOKENS}x{head_dim} fp16, {label} ({n * one.nbytes / 1024:.0f} KiB)")
+    for name in [*sorted(CODECS), "int8 reference", "int4 reference"]:
+        codec = make_codec(name.split()[0])
+        is_reference = name.endswith("reference")
+        allocating_s = None  # encode_many's seconds (new payloads), for the N-block rows
+        batch = blocks if n > 1 else [one]
+        if is_reference and n > 1:
+            batch = blocks[: max(1, min(count, 16))]  # the reference is slow; GB/s is per byte anyway
+        nbytes = codec.encoded_nbytes(kv_heads, TOKENS, head_dim, torch.float16)
+        bytes_in = 2 * sum(b.keys.numel() for b in batch) * 2
+        copy_s = best_s(copy_one if n == 1 else copy_all, repeats) * (1 if n == 1 else bytes_in / input_bytes)
+        if is_reference:
+            outs = [torch.empty(nbytes, dtype=torch.uint8) for _ in batch]
+            ks, vs = [b.keys for b in batch], [b.values for b in batch]
+            encode_s = best_s(lambda: reference.encode(codec.fmt, ks, vs, outs), repeats, 0.0)
+            dk, dv = [torch.empty_like(k) for k in ks], [torch.empty_like(v) for v in vs]
+            decode_s = best_s(lambda: reference.decode(codec.fmt, outs, dk, dv), repeats, 0.0)
+        elif n == 1:
+            out = torch.empty(nbytes, dtype=torch.uint8)
+            encode_s = best_s(lambda: codec.encode_into(one, out), repeats)
+            encoded = codec.encode(one)
+            decode_s = best_s(lambda: codec.decode(encoded, "cpu"), repeats)
+        else:
+            outs = [torch.empty(nbytes, dtype=torch.uint8) for _ in batch]
+            encode_s = best_s(lambda: codec.encode_many_into(batch, outs), repeats)
+            allocating_s = best_s(lambda: codec.encode_many(batch), repeats)
+            encoded = codec.encode_many(batch)
+            decode_s = best_s(lambda: codec.decode_many(encoded, "cpu"), repeats)
+        gbs = lambda s: bytes_in / s / 1e9  # noqa: E731
+        table.add_row(name, str(nbytes), f"{1 - nbytes / one.nbytes:.0%}", f"{gbs(copy_s):.2f}", f"{gbs(encode_s):.2f}",
+                      f"{copy_s / encode_s:.2f}", f"{gbs(decode_s):.2f}", f"{copy_s / decode_s:.2f}",
+                      f"{copy_s / allocating_s:.2f}" if allocating_s else "-")
+    return table
 
 
 def cuda_rows(kv_heads: int, head_dim: int, count: int, repeats: int) -> list[str]:
@@ -177,10 +177,11 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     print(f"CPU kernels: {'fused C (cpu_kernels.c)' if cpu_kernels.available() else 'reference: ' + str(cpu_kernels.build_error())}")
+    console = Console(width=120)  # whole rows in a log too
     for kv_heads, head_dim in SHAPES:
         count = BATCH_BYTES // (2 * kv_heads * TOKENS * head_dim * 2)
-        for line in cpu_rows(kv_heads, head_dim, count, repeats):
-            print(line, flush=True)
+        for n in (1, count):
+            console.print(cpu_table(kv_heads, head_dim, count, repeats, n))
     if torch.cuda.is_available() and triton_kernels.available():
         print("CUDA:")
         for kv_heads, head_dim in SHAPES:
