@@ -112,6 +112,29 @@ def test_encode_into_writes_the_payload_in_place(name):
     assert (out[-8:] == 0xAB).all()  # nothing written past the payload
 
 
+@pytest.mark.parametrize("name", ["int8", "int4", "int2", "fp8"])
+def test_encode_many_into_sorts_unlike_blocks_and_writes_nothing_for_a_bad_buffer(name):
+    codec = make_codec(name)
+    blocks = [outlier_block(3, 64, 64, seed=1), outlier_block(3, 64, 64, seed=2)]
+    # channels not contiguous: [heads, dim, tokens] tensors seen as [heads, tokens, dim]
+    keys, values = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (blocks[1].keys, blocks[1].values))
+    assert keys.stride(-1) != 1
+    blocks += [KVBlock(keys, values), outlier_block(3, 64, 64, dtype=torch.float32, seed=3)]
+    sizes = [codec.encoded_nbytes(*b.keys.shape, b.dtype) for b in blocks]
+    outs = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+    for encoded, block, out in zip(codec.encode_many_into(blocks, outs), blocks, outs, strict=True):
+        assert encoded.payload.data_ptr() == out.data_ptr()
+        assert torch.equal(out, codec.encode(block).payload)
+    for bad in (torch.zeros(sizes[1] - 1, dtype=torch.uint8), torch.zeros(sizes[1], dtype=torch.int8)):
+        fresh = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+        fresh[1] = bad
+        with pytest.raises(ValueError, match="encode_into needs a contiguous"):
+            codec.encode_many_into(blocks[:2], fresh[:2])  # alike blocks: one kernel call
+        with pytest.raises(ValueError, match="encode_into needs a contiguous"):
+            codec.encode_many_into(blocks, fresh)
+        assert not fresh[0].any()  # nothing written before the error
+
+
 @pytest.mark.parametrize("name", sorted(CODECS))
 def test_decode_into_writes_only_the_given_views(name):
     codec = make_codec(name)

@@ -183,6 +183,12 @@ def check_rows(encoded: Sequence[Encoded], keys_out: torch.Tensor, values_out: t
                              f"{keys_out.dtype} [{heads}, {tokens}, {dim}]")
 
 
+def check_buffer(out: torch.Tensor, nbytes: int) -> None:
+    """ValueError unless `out` is a contiguous [nbytes] uint8 tensor, a payload's buffer."""
+    if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != nbytes or not out.is_contiguous():
+        raise ValueError(f"encode_into needs a contiguous [{nbytes}] uint8 tensor, got {out.dtype} {tuple(out.shape)}")
+
+
 def check_outputs(encoded: Encoded, keys_out: torch.Tensor, values_out: torch.Tensor) -> None:
     """ValueError unless keys_out and values_out can hold the decoded block."""
     for out in (keys_out, values_out):

@@ -194,6 +194,28 @@ INLINE void store_codes(uint8_t *dst, vu codes, int64_t n) {
         memcpy(dst, &b, (size_t)n);
 }
 
+/* LANES codes (< 2^bits, bits 2 or 4) packed into LANES·bits/8 bytes at dst, as pack() does:
+ * narrowed to bytes, then each 16-bit (int4) or 32-bit (int2) word of those makes one byte. */
+typedef uint16_t vw8 __attribute__((vector_size(16)));
+typedef uint32_t vd4 __attribute__((vector_size(16)));
+typedef uint8_t vb8 __attribute__((vector_size(8)));
+typedef uint8_t vb4 __attribute__((vector_size(4)));
+INLINE void store_packed(uint8_t *dst, vu codes, int bits) {
+    uint8_t bytes[LANES];
+    store_codes(bytes, codes, LANES);
+    if (bits == 4) {
+        vw8 w;
+        memcpy(&w, bytes, sizeof w);
+        vb8 b = __builtin_convertvector((w & 0xFu) | ((w >> 4) & 0xF0u), vb8);
+        memcpy(dst, &b, sizeof b);
+    } else {
+        vd4 w;
+        memcpy(&w, bytes, sizeof w);
+        vb4 b = __builtin_convertvector((w & 0x3u) | ((w >> 6) & 0xCu) | ((w >> 12) & 0x30u) | ((w >> 18) & 0xC0u), vb4);
+        memcpy(dst, &b, sizeof b);
+    }
+}
+
 /* Group params from reductions (lo = min, hi = max; or hi = max |x| for fp8). Stores the fp16
  * min (int) and scale; returns min32/inv32 for the codes and a mask of params that do not fit. */
 typedef struct {
@@ -277,66 +299,152 @@ static void unpack(const uint8_t *restrict packed, int64_t count, int bits, uint
 
 typedef struct {
     int64_t H, T, D, G, offs[6];
-    int bits;
+    int bits, direct; /* direct: codes of bits < 8 packed as they are made (every store whole) */
     float qmax;
     float *lo, *hi, *min32, *inv32; /* [T·⌈D/G⌉ + LANES] each: one head's value groups */
     uint8_t *codes;                 /* [H·T·D] unpacked codes, for bits < 8 */
 } Ctx;
 
-static int ctx_init(Ctx *c, int64_t H, int64_t T, int64_t D, int bits, int64_t group, const int64_t *offs) {
+/* encoding: codes may be packed as they are made; decoding unpacks into the scratch. */
+static int ctx_init(Ctx *c, int64_t H, int64_t T, int64_t D, int bits, int64_t group, const int64_t *offs, int encoding) {
     c->H = H, c->T = T, c->D = D, c->G = group, c->bits = bits;
     c->qmax = (float)((1 << bits) - 1);
+    c->direct = encoding && bits < 8 && D % LANES == 0 && group % LANES == 0 && D % group == 0;
     memcpy(c->offs, offs, sizeof c->offs);
     int64_t n = T * ((D + group - 1) / group) + LANES;
     c->lo = malloc(sizeof(float) * (size_t)(4 * n));
-    c->codes = bits < 8 ? malloc((size_t)(H * T * D)) : NULL;
+    c->codes = bits < 8 && !c->direct ? malloc((size_t)(H * T * D)) : NULL;
     if (c->lo) c->hi = c->lo + n, c->min32 = c->hi + n, c->inv32 = c->min32 + n;
-    return c->lo == NULL || (bits < 8 && c->codes == NULL);
+    return c->lo == NULL || (bits < 8 && !c->direct && c->codes == NULL);
 }
 
 static void ctx_free(Ctx *c) { free(c->lo), free(c->codes); }
 
+/* Codes [index, index + n) of a tensor: bytes into `codes` (bits 8, or the unpacked scratch), or
+ * packed straight into the payload's section (c->direct). */
+INLINE void put_codes(const Ctx *c, uint8_t *codes, int64_t index, vu v, int64_t n) {
+    if (c->direct)
+        store_packed(codes + index * c->bits / 8, v, c->bits);
+    else
+        store_codes(codes + index, v, n);
+}
+
+/* Codes [index, index + 4·LANES) from 4 vectors, as put_codes() of each: narrowed together. */
+INLINE void put_codes4(const Ctx *c, uint8_t *codes, int64_t index, vu v0, vu v1, vu v2, vu v3) {
+#if !defined(TIERED_PORTABLE) && defined(__AVX512BW__)
+    /* packs work within 128-bit lanes: lane k ends with dwords (v0, v1, v2, v3)[4k..4k+3] as bytes */
+    __m512i x = _mm512_packus_epi16(_mm512_packus_epi32((__m512i)v0, (__m512i)v1), _mm512_packus_epi32((__m512i)v2, (__m512i)v3));
+    x = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), x);
+    if (!c->direct) {
+        _mm512_storeu_si512(codes + index, x);
+    } else if (c->bits == 4) { /* each 16-bit word of two codes -> one byte */
+        __m512i w = _mm512_or_si512(_mm512_and_si512(x, _mm512_set1_epi16(0xF)), _mm512_and_si512(_mm512_srli_epi16(x, 4), _mm512_set1_epi16(0xF0)));
+        _mm256_storeu_si256((__m256i *)(codes + index / 2), _mm512_cvtepi16_epi8(w));
+    } else { /* int2: each 32-bit word of four codes -> one byte */
+        __m512i m = _mm512_set1_epi32(0x3), w = _mm512_and_si512(x, m);
+        w = _mm512_or_si512(w, _mm512_and_si512(_mm512_srli_epi32(x, 6), _mm512_set1_epi32(0xC)));
+        w = _mm512_or_si512(w, _mm512_and_si512(_mm512_srli_epi32(x, 12), _mm512_set1_epi32(0x30)));
+        w = _mm512_or_si512(w, _mm512_and_si512(_mm512_srli_epi32(x, 18), _mm512_set1_epi32(0xC0)));
+        _mm_storeu_si128((__m128i *)(codes + index / 4), _mm512_cvtepi32_epi8(w));
+    }
+#else
+    put_codes(c, codes, index, v0, LANES), put_codes(c, codes, index + LANES, v1, LANES);
+    put_codes(c, codes, index + 2 * LANES, v2, LANES), put_codes(c, codes, index + 3 * LANES, v3, LANES);
+#endif
+}
+
 INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* Keys: a group is up to G tokens of one channel; LANES channels at a time. Returns nonzero on
- * a value that cannot be encoded. */
+/* The min (lo) and max (hi; max |x| for fp8) of LANES items, each given as one vector: item j
+ * in lane j. Pairs of vectors are folded together level by level (each lane of a level holds a
+ * partial of one item), 2 shuffles and 1 op per fold instead of a butterfly per item. */
+INLINE vf fold(vf a, vf b, const vi first, const vi second, int max) {
+    vf x = __builtin_shuffle(a, b, first), y = __builtin_shuffle(a, b, second);
+    return max ? vmax(x, y) : vmin(x, y);
+}
+
+INLINE vf reduce_items(vf *v, int max) {
+    const vi a1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const vi b1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const vi a2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+    const vi b2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+    const vi a3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+    const vi b3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+    const vi a4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    const vi b4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    vf l1[8], l2[4], l3[2];
+    for (int j = 0; j < 8; j++) l1[j] = fold(v[2 * j], v[2 * j + 1], a1, b1, max);
+    for (int j = 0; j < 4; j++) l2[j] = fold(l1[2 * j], l1[2 * j + 1], a2, b2, max);
+    for (int j = 0; j < 2; j++) l3[j] = fold(l2[2 * j], l2[2 * j + 1], a3, b3, max);
+    return fold(l3[0], l3[1], a4, b4, max);
+}
+
+#define KCOLS 4
+/* Keys, channels [d, d + cols·LANES) of one group (rows, len tokens) of a head: the min/max
+ * of `cols` vectors at a time (independent chains), then their codes. cols is a constant. */
+INLINE vi key_columns(Ctx *c, const int kind, const int dtype, const char *rows, int64_t st, int64_t len, int64_t d,
+                      int64_t n, const int cols, uint16_t *mins, uint16_t *scales, uint8_t *codes, int64_t first) {
+    int64_t esize = dtype == DT_F32 ? 4 : 2, D = c->D;
+    vf lo[KCOLS], hi[KCOLS];
+    vi bad[KCOLS];
+    for (int j = 0; j < cols; j++) {
+        lo[j] = load(rows + (d + j * LANES) * esize, n, dtype);
+        hi[j] = kind == KIND_INT ? lo[j] : vabs(lo[j]);
+        bad[j] = nonfinite(lo[j]);
+    }
+    for (int64_t r = 1; r < len; r++) {
+        for (int j = 0; j < cols; j++) {
+            vf x = load(rows + (r * st + d + j * LANES) * esize, n, dtype);
+            bad[j] |= nonfinite(x);
+            if (kind == KIND_INT) lo[j] = vmin(x, lo[j]);
+            hi[j] = vmax(kind == KIND_INT ? x : vabs(x), hi[j]);
+        }
+    }
+    vi any_bad = {0};
+    Params q[KCOLS];
+    for (int j = 0; j < cols; j++) {
+        q[j] = make_params(kind, c->qmax, lo[j], hi[j], mins ? mins + d + j * LANES : NULL, scales + d + j * LANES, n);
+        any_bad |= q[j].bad | bad[j];
+    }
+    for (int64_t r = 0; r < len; r++) {
+        const char *row = rows + (r * st + d) * esize;
+        vu v[KCOLS];
+        for (int j = 0; j < cols; j++) v[j] = make_codes(kind, c->qmax, load(row + j * LANES * esize, n, dtype), q[j].min32, q[j].inv32);
+        if (cols == KCOLS)
+            put_codes4(c, codes, first + r * D + d, v[0], v[1], v[2], v[3]);
+        else
+            for (int j = 0; j < cols; j++) put_codes(c, codes, first + r * D + d + j * LANES, v[j], n);
+    }
+    return any_bad;
+}
+
+/* Keys: a group is up to G tokens of one channel; KCOLS vectors of channels at a time, then the
+ * rest one vector at a time. Returns nonzero on a value that cannot be encoded. */
 INLINE int encode_keys(Ctx *c, const int kind, const int dtype, const char *src, int64_t sh, int64_t st,
                        uint8_t *payload, uint8_t *codes) {
     int64_t H = c->H, T = c->T, D = c->D, G = c->G, esize = dtype == DT_F32 ? 4 : 2, ng = (T + G - 1) / G;
+    int64_t wide = D / (KCOLS * LANES) * (KCOLS * LANES);
     uint16_t *mins = kind == KIND_INT ? (uint16_t *)(payload + c->offs[0]) : NULL;
     uint16_t *scales = (uint16_t *)(payload + c->offs[1]);
     vi bad = {0};
     for (int64_t h = 0; h < H; h++) {
         for (int64_t g = 0; g < ng; g++) {
-            int64_t t0 = g * G, len = min64(G, T - t0);
+            int64_t t0 = g * G, len = min64(G, T - t0), p = (h * ng + g) * D;
             const char *rows = src + (h * sh + t0 * st) * esize;
-            for (int64_t d = 0; d < D; d += LANES) {
-                int64_t n = min64(LANES, D - d);
-                vf lo = load(rows + d * esize, n, dtype), hi = kind == KIND_INT ? lo : vabs(lo);
-                bad |= nonfinite(lo);
-                for (int64_t r = 1; r < len; r++) {
-                    vf x = load(rows + (r * st + d) * esize, n, dtype);
-                    bad |= nonfinite(x);
-                    if (kind == KIND_INT) lo = vmin(x, lo);
-                    hi = vmax(kind == KIND_INT ? x : vabs(x), hi);
-                }
-                int64_t p = (h * ng + g) * D + d;
-                Params q = make_params(kind, c->qmax, lo, hi, mins ? mins + p : NULL, scales + p, n);
-                bad |= q.bad;
-                for (int64_t r = 0; r < len; r++) {
-                    vf x = load(rows + (r * st + d) * esize, n, dtype);
-                    store_codes(codes + (h * T + t0 + r) * D + d, make_codes(kind, c->qmax, x, q.min32, q.inv32), n);
-                }
-            }
+            uint16_t *m = mins ? mins + p : NULL;
+            for (int64_t d = 0; d < wide; d += KCOLS * LANES)
+                bad |= key_columns(c, kind, dtype, rows, st, len, d, LANES, KCOLS, m, scales + p, codes, (h * T + t0) * D);
+            for (int64_t d = wide; d < D; d += LANES)
+                bad |= key_columns(c, kind, dtype, rows, st, len, d, min64(LANES, D - d), 1, m, scales + p, codes, (h * T + t0) * D);
         }
     }
     return any(bad);
 }
 
-/* Values: a group is up to G channels of one token. Reductions for a head's rows, then their
- * params LANES groups at a time, then the codes. Returns nonzero on a bad value. */
-INLINE int encode_values(Ctx *c, const int kind, const int dtype, const char *src, int64_t sh, int64_t st,
-                         uint8_t *payload, uint8_t *codes) {
+/* Values of any group size: a group is up to G channels of one token. Reductions for a head's
+ * rows, then their params LANES groups at a time, then the codes. Returns nonzero on a bad value. */
+INLINE int encode_values_any(Ctx *c, const int kind, const int dtype, const char *src, int64_t sh, int64_t st,
+                             uint8_t *payload, uint8_t *codes) {
     int64_t H = c->H, T = c->T, D = c->D, G = c->G, esize = dtype == DT_F32 ? 4 : 2, ng = (D + G - 1) / G;
     float *lo = c->lo, *hi = c->hi, *min32 = c->min32, *inv32 = c->inv32;
     vi bad = {0};
@@ -372,13 +480,61 @@ INLINE int encode_values(Ctx *c, const int kind, const int dtype, const char *sr
         }
         for (int64_t t = 0; t < T; t++) {
             const char *row = src + (h * sh + t * st) * esize;
-            uint8_t *out = codes + (h * T + t) * D;
             for (int64_t g = 0; g < ng; g++) {
                 vf m = splat(min32[t * ng + g]), inv = splat(inv32[t * ng + g]);
                 for (int64_t d = g * G, end = min64(D, d + G); d < end; d += LANES) {
                     int64_t n = min64(LANES, end - d);
-                    store_codes(out + d, make_codes(kind, c->qmax, load(row + d * esize, n, dtype), m, inv), n);
+                    put_codes(c, codes, (h * T + t) * D + d, make_codes(kind, c->qmax, load(row + d * esize, n, dtype), m, inv), n);
                 }
+            }
+        }
+    }
+    return any(bad);
+}
+
+/* Values whose groups are whole vectors (G % LANES == 0, D % G == 0): LANES groups (token t,
+ * group g: item t·ng + g) at a time, each reduced to one vector, folded together, their params
+ * made, then their codes while the rows are in cache. Returns nonzero on a bad value. */
+INLINE int encode_values(Ctx *c, const int kind, const int dtype, const char *src, int64_t sh, int64_t st,
+                         uint8_t *payload, uint8_t *codes) {
+    int64_t H = c->H, T = c->T, D = c->D, G = c->G, esize = dtype == DT_F32 ? 4 : 2, ng = D / G;
+    if (G % LANES || D % G) return encode_values_any(c, kind, dtype, src, sh, st, payload, codes);
+    vi bad = {0};
+    for (int64_t h = 0; h < H; h++) {
+        uint16_t *mins = kind == KIND_INT ? (uint16_t *)(payload + c->offs[2]) + h * T * ng : NULL;
+        uint16_t *scales = (uint16_t *)(payload + c->offs[3]) + h * T * ng;
+        for (int64_t i0 = 0; i0 < T * ng; i0 += LANES) {
+            int64_t n = min64(LANES, T * ng - i0);
+            vf lo[LANES], hi[LANES];
+            for (int64_t j = 0; j < LANES; j++) {
+                int64_t i = i0 + min64(j, n - 1); /* past the end: the last item again */
+                const char *group = src + (h * sh + i / ng * st + i % ng * G) * esize;
+                vf l = load(group, LANES, dtype), u = kind == KIND_INT ? l : vabs(l);
+                bad |= nonfinite(l);
+                for (int64_t d = LANES; d < G; d += LANES) {
+                    vf x = load(group + d * esize, LANES, dtype);
+                    bad |= nonfinite(x);
+                    if (kind == KIND_INT) l = vmin(x, l);
+                    u = vmax(kind == KIND_INT ? x : vabs(x), u);
+                }
+                lo[j] = l, hi[j] = u;
+            }
+            vf l = kind == KIND_INT ? reduce_items(lo, 0) : splat(0.0f);
+            Params q = make_params(kind, c->qmax, l, reduce_items(hi, 1), mins ? mins + i0 : NULL, scales + i0, n);
+            bad |= q.bad;
+            for (int64_t j = 0; j < n; j++) {
+                int64_t i = i0 + j;
+                const char *group = src + (h * sh + i / ng * st + i % ng * G) * esize;
+                int64_t first = (h * T + i / ng) * D + i % ng * G;
+                vf m = splat(q.min32[j]), inv = splat(q.inv32[j]);
+                int64_t d = 0;
+                for (; d + 4 * LANES <= G; d += 4 * LANES) {
+                    vu v[4];
+                    for (int k = 0; k < 4; k++) v[k] = make_codes(kind, c->qmax, load(group + (d + k * LANES) * esize, LANES, dtype), m, inv);
+                    put_codes4(c, codes, first + d, v[0], v[1], v[2], v[3]);
+                }
+                for (; d < G; d += LANES)
+                    put_codes(c, codes, first + d, make_codes(kind, c->qmax, load(group + d * esize, LANES, dtype), m, inv), LANES);
             }
         }
     }
@@ -433,13 +589,13 @@ INLINE int encode_one(Ctx *c, const int kind, const int dtype, const char *keys,
     int64_t count = c->H * c->T * c->D, nbytes = c->offs[5] - c->offs[4];
     int bad = 0;
     for (int part = 0; part < 2; part++) {
-        uint8_t *section = payload + c->offs[4 + part], *codes = c->bits < 8 ? c->codes : section;
+        uint8_t *section = payload + c->offs[4 + part], *codes = c->bits < 8 && !c->direct ? c->codes : section;
         bad |= part == 0 ? encode_keys(c, kind, dtype, keys, s[0], s[1], payload, codes)
                          : encode_values(c, kind, dtype, values, s[2], s[3], payload, codes);
-        if (c->bits < 8)
+        if (c->bits < 8 && !c->direct)
             pack(c->codes, count, c->bits, section, nbytes);
         else /* zero the padding to whole 16-bit words */
-            memset(section + count, 0, (size_t)(nbytes - count));
+            memset(section + count * c->bits / 8, 0, (size_t)(nbytes - count * c->bits / 8));
     }
     return bad;
 }
@@ -476,14 +632,21 @@ static int params_bad(const uint8_t *payload, int64_t offset, int64_t count) {
     return bad != 0;
 }
 
-/* Encode blocks [begin, end). keys, values, payloads: [n] addresses; strides: [n][4] element
- * strides of (key head, key token, value head, value token). Returns 0, 1 + the first block that
- * cannot be encoded, or -1 (no memory). */
-int64_t tiered_encode(int64_t begin, int64_t end, const int64_t *keys, const int64_t *values, const int64_t *payloads,
-                      const int64_t *strides, int64_t H, int64_t T, int64_t D, int dtype, int kind, int bits,
-                      int64_t group, const int64_t *offs) {
+/* A batch's arguments. table: key, value and payload addresses [3][n], then [n][4] element strides
+ * of (key head, key token, value head, value token). shape: H, T, D, dtype, kind, bits, group, then
+ * the 6 payload offsets. */
+#define BATCH_ARGS                                                                                                 \
+    const int64_t *keys = table, *values = table + n, *payloads = table + 2 * n, *strides = table + 3 * n;         \
+    int64_t H = shape[0], T = shape[1], D = shape[2], group = shape[6];                                            \
+    int dtype = (int)shape[3], kind = (int)shape[4], bits = (int)shape[5];                                         \
+    const int64_t *offs = shape + 7;
+
+/* Encode blocks [begin, end) of a batch of n. Returns 0, 1 + the first block that cannot be
+ * encoded, or -1 (no memory). */
+int64_t tiered_encode(int64_t begin, int64_t end, const int64_t *table, int64_t n, const int64_t *shape) {
+    BATCH_ARGS
     Ctx c;
-    if (ctx_init(&c, H, T, D, bits, group, offs)) return ctx_free(&c), -1;
+    if (ctx_init(&c, H, T, D, bits, group, offs, 1)) return ctx_free(&c), -1;
     int64_t result = 0;
     for (int64_t i = begin; i < end && !result; i++) {
         int bad;
@@ -497,13 +660,13 @@ int64_t tiered_encode(int64_t begin, int64_t end, const int64_t *keys, const int
     return result;
 }
 
-/* Decode blocks [begin, end) into keys and values (arguments as for encode). Returns 0, 1 + the
- * first block whose params are not finite (it and later ones are not written), or -1 (no memory). */
-int64_t tiered_decode(int64_t begin, int64_t end, const int64_t *keys, const int64_t *values, const int64_t *payloads,
-                      const int64_t *strides, int64_t H, int64_t T, int64_t D, int dtype, int kind, int bits,
-                      int64_t group, const int64_t *offs) {
+/* Decode blocks [begin, end) of a batch of n into keys and values (arguments as for encode).
+ * Returns 0, 1 + the first block whose params are not finite (it and later ones are not written),
+ * or -1 (no memory). */
+int64_t tiered_decode(int64_t begin, int64_t end, const int64_t *table, int64_t n, const int64_t *shape) {
+    BATCH_ARGS
     Ctx c;
-    if (ctx_init(&c, H, T, D, bits, group, offs)) return ctx_free(&c), -1;
+    if (ctx_init(&c, H, T, D, bits, group, offs, 0)) return ctx_free(&c), -1;
     int64_t kparams = H * ((T + group - 1) / group) * D, vparams = H * T * ((D + group - 1) / group), result = 0;
     for (int64_t i = begin; i < end; i++) {
         const uint8_t *payload = (const uint8_t *)payloads[i];

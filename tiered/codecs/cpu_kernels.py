@@ -18,17 +18,22 @@ import platform
 import shlex
 import subprocess
 import threading
+from array import array
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from policies.importance.select import protected_blocks
 
 from ..atomic import atomic_path
+from ..block import KVBlock
 from . import reference
 from .attend_reference import merge_partials
+from .base import check_buffer
 from .layout import QuantFormat
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -87,10 +92,9 @@ def _build() -> ctypes.CDLL:
             raise OSError(f"{compiler} failed: {err.stderr.strip()[-2000:]}") from err
     lib = ctypes.CDLL(str(target))
     i64, i32, address = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    # begin, end, keys, values, payloads, strides, H, T, D, dtype, kind, bits, group, offsets
+    # begin, end, table, n, shape (see _call)
     for function in (lib.tiered_encode, lib.tiered_decode):
-        function.argtypes = [i64, i64, address, address, address, address, i64, i64, i64, i32, i32, i32, i64,
-                             ctypes.POINTER(i64)]
+        function.argtypes = [i64, i64, address, i64, ctypes.POINTER(i64)]
         function.restype = i64
     # h_begin, h_end, q, qpos, n, R, H, D, blocks, payloads, tokens, starts, offsets, bits, group, out, lse
     lib.tiered_attend.argtypes = [i64, i64, address, address, i64, i64, i64, i64, i64, address, address, address,
@@ -133,14 +137,21 @@ def build_error() -> str | None:
     return _errors[-1] if _errors else None
 
 
+class _Shape(NamedTuple):
+    """What the library needs of blocks of one shape and dtype in one format."""
+
+    nbytes: int  # payload bytes
+    block_bytes: int  # key and value bytes of a block
+    args: ctypes.Array  # H, T, D, dtype, kind, bits, group and the 6 payload offsets
+
+
 @lru_cache(maxsize=256)
-def _shape_args(fmt: QuantFormat, shape: torch.Size, dtype: torch.dtype) -> tuple[int, tuple]:
-    """(payload bytes, the library's shape arguments) of blocks of `shape` and `dtype` in `fmt`."""
+def _shape_args(fmt: QuantFormat, shape: torch.Size, dtype: torch.dtype) -> _Shape:
     if dtype not in DTYPES:
         raise TypeError(f"the CPU kernels take fp16, bf16 or fp32 blocks, got {dtype}")
     layout = fmt.layout(*shape)
-    offsets = (ctypes.c_int64 * 6)(*layout.offsets())
-    return layout.nbytes, (*shape, DTYPES[dtype], KINDS[fmt.kind], fmt.bits, fmt.group, offsets)
+    args = (ctypes.c_int64 * 13)(*shape, DTYPES[dtype], KINDS[fmt.kind], fmt.bits, fmt.group, *layout.offsets())
+    return _Shape(layout.nbytes, 2 * shape.numel() * dtype.itemsize, args)
 
 
 def _check(keys: list, values: list, payloads: list, shape: torch.Size, dtype: torch.dtype, nbytes: int) -> None:
@@ -161,15 +172,14 @@ def _check(keys: list, values: list, payloads: list, shape: torch.Size, dtype: t
 def _run(function: str, fmt: QuantFormat, keys: list, values: list, payloads: list) -> int:
     """function(begin, end, ...) of the library over the batch, split over threads when it is large."""
     shape, dtype, n = keys[0].shape, keys[0].dtype, len(keys)
-    nbytes, _ = _shape_args(fmt, shape, dtype)
-    _check(keys, values, payloads, shape, dtype, nbytes)
+    known = _shape_args(fmt, shape, dtype)
+    _check(keys, values, payloads, shape, dtype, known.nbytes)
     # one int64 table: key, value and payload addresses [3][n], then strides [n][4] (key head,
     # key token, value head, value token)
-    table = (ctypes.c_int64 * (7 * n))(
-        *[t.data_ptr() for t in keys], *[t.data_ptr() for t in values], *[p.data_ptr() for p in payloads],
-        *[s for k, v in zip(keys, values) for s in (*k.stride()[:2], *v.stride()[:2])],
-    )
-    return _call(function, fmt, shape, dtype, n, table)
+    table = array("q", [t.data_ptr() for t in keys])
+    table.extend([t.data_ptr() for t in values]), table.extend([p.data_ptr() for p in payloads])
+    table.extend([s for k, v in zip(keys, values) for s in (*k.stride()[:2], *v.stride()[:2])])
+    return _call(function, known, n, table)
 
 
 def _thread_pool() -> ThreadPoolExecutor:
@@ -181,18 +191,16 @@ def _thread_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def _call(function: str, fmt: QuantFormat, shape, dtype: torch.dtype, n: int, table) -> int:
-    """function(begin, end, ...) of the library over n blocks of `shape` described by `table`
-    (as _run builds it), split over threads when the batch is large."""
+def _call(function: str, shape: _Shape, n: int, table: array) -> int:
+    """function(begin, end, table, n, shape) of the library over n blocks of `shape` described by
+    `table` (int64 key, value and payload addresses [3][n], then [n][4] strides: key head, key
+    token, value head, value token), split over threads when the batch is large."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"the CPU kernels are not available: {build_error()}")
-    _, shape_args = _shape_args(fmt, shape, dtype)
-    base = ctypes.addressof(table)
-    args = (base, base + 8 * n, base + 16 * n, base + 24 * n, *shape_args)
-    call = getattr(lib, function)
+    call, args = getattr(lib, function), (table.buffer_info()[0], n, shape.args)
     workers = min(n, torch.get_num_threads())
-    if workers <= 1 or 2 * n * shape.numel() * dtype.itemsize < PARALLEL_MIN_BYTES:
+    if workers <= 1 or n * shape.block_bytes < PARALLEL_MIN_BYTES:
         return call(0, n, *args)
     bounds = [n * w // workers for w in range(workers + 1)]
     pool = _thread_pool()
@@ -206,11 +214,38 @@ def encode(fmt: QuantFormat, keys: list[torch.Tensor], values: list[torch.Tensor
     """Write the payload of each block (keys[i], values[i]: [H, T, D], one shape and dtype;
     channels contiguous, any head and token strides) into outs[i] ([nbytes] uint8).
     ValueError if a block cannot be quantized (see reference.py)."""
-    result = _run("tiered_encode", fmt, keys, values, outs)
+    _encoded(_run("tiered_encode", fmt, keys, values, outs))
+
+
+def _encoded(result: int) -> None:
     if result < 0:
         raise MemoryError("the CPU kernels could not allocate scratch memory")
     if result > 0:
         raise ValueError(f"block {result - 1} of this batch: {reference.UNENCODABLE}")
+
+
+def encode_alike(fmt: QuantFormat, blocks: Sequence[KVBlock], outs: Sequence[torch.Tensor]) -> bool:
+    """encode() of KVBlocks alike, in one call: True if every block is on the CPU with blocks[0]'s
+    shape and dtype and contiguous channels, and every buffer on the CPU. False, with nothing
+    written, if some are not (the caller sorts them). ValueError as check_buffer() says, or if a
+    block cannot be quantized. Each tensor is looked at once: this is the spill path's whole cost
+    in Python."""
+    first = blocks[0].keys
+    shape, dtype, n = first.shape, first.dtype, len(blocks)
+    known = _shape_args(fmt, shape, dtype)
+    keys, values, payloads, strides = [], [], [], []
+    for block, out in zip(blocks, outs, strict=True):
+        k, v = block.keys, block.values  # one shape, dtype and device (KVBlock)
+        k_strides, v_strides = k.stride(), v.stride()
+        if k_strides[2] != 1 or v_strides[2] != 1 or not k.is_cpu or not out.is_cpu or k.dtype != dtype or k.shape != shape:
+            return False
+        check_buffer(out, known.nbytes)
+        keys.append(k.data_ptr()), values.append(v.data_ptr()), payloads.append(out.data_ptr())
+        strides += (k_strides[0], k_strides[1], v_strides[0], v_strides[1])
+    table = array("q", keys)
+    table.extend(values), table.extend(payloads), table.extend(strides)
+    _encoded(_call("tiered_encode", known, n, table))
+    return True
 
 
 def decode(fmt: QuantFormat, payloads: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
@@ -226,7 +261,8 @@ def decode_rows(fmt: QuantFormat, payloads: list[torch.Tensor], keys_out: torch.
     from the outputs' strides, so no view is made per block. ValueError as decode()."""
     shape = torch.Size(shape)
     dtype, n = keys_out.dtype, len(rows)
-    nbytes, _ = _shape_args(fmt, shape, dtype)
+    known = _shape_args(fmt, shape, dtype)
+    nbytes = known.nbytes
     heads, blocks, tokens, dim = keys_out.shape
     for out in (keys_out, values_out):
         if not out.is_cpu or out.dtype != dtype or out.shape != keys_out.shape or out.stride(-1) != 1:
@@ -239,11 +275,10 @@ def decode_rows(fmt: QuantFormat, payloads: list[torch.Tensor], keys_out: torch.
             raise ValueError(f"each payload must be a contiguous CPU uint8 tensor of {nbytes} bytes")
     (k_head, k_slot, k_token, _), (v_head, v_slot, v_token, _) = keys_out.stride(), values_out.stride()
     k_base, v_base, size = keys_out.data_ptr(), values_out.data_ptr(), keys_out.element_size()
-    table = (ctypes.c_int64 * (7 * n))(
-        *[k_base + r * k_slot * size for r in rows], *[v_base + r * v_slot * size for r in rows],
-        *[p.data_ptr() for p in payloads], *([k_head, k_token, v_head, v_token] * n),
-    )
-    _decoded(_call("tiered_decode", fmt, shape, dtype, n, table))
+    table = array("q", [k_base + r * k_slot * size for r in rows])
+    table.extend([v_base + r * v_slot * size for r in rows]), table.extend([p.data_ptr() for p in payloads])
+    table.extend([k_head, k_token, v_head, v_token] * n)
+    _decoded(_call("tiered_decode", known, n, table))
 
 
 def _decoded(result: int) -> None:

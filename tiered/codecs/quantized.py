@@ -20,7 +20,7 @@ import torch
 
 from ..block import KVBlock
 from . import attend_reference, cpu_kernels, reference, triton_kernels
-from .base import Codec, Encoded, check_outputs, check_rows
+from .base import Codec, Encoded, check_buffer, check_outputs, check_rows
 from .layout import QuantFormat
 
 
@@ -70,11 +70,7 @@ class QuantizedCodec(Codec):
         return Encoded(self.spec, block.dtype, tuple(block.keys.shape), out)
 
     def encode_into(self, block: KVBlock, out: torch.Tensor) -> Encoded:
-        if out.device != block.device:  # quantize where the block is, then move the smaller payload
-            return super().encode_into(block, out)
-        _check_buffer(out, self.encoded_nbytes(*block.keys.shape, block.dtype))
-        self._encode_batch([block], [out])
-        return Encoded(self.spec, block.dtype, tuple(block.keys.shape), out)
+        return self.encode_many_into([block], [out])[0]
 
     def encode_many(self, blocks: Sequence[KVBlock]) -> list[Encoded]:
         """Every block encoded, in order; blocks of one shape, dtype and device share a kernel call."""
@@ -87,6 +83,9 @@ class QuantizedCodec(Codec):
         slot for a CUDA block) gets the payload quantized where the block is, then copied over."""
         if len(blocks) != len(outs):
             raise ValueError(f"{len(blocks)} blocks but {len(outs)} buffers")
+        if blocks and blocks[0].keys.is_cpu and cpu_kernels.available() and cpu_kernels.encode_alike(self.fmt, blocks, outs):
+            shape, dtype = tuple(blocks[0].keys.shape), blocks[0].dtype
+            return [Encoded(self.spec, dtype, shape, out) for out in outs]
         results: list[Encoded | None] = [None] * len(blocks)
         for index in _batches(blocks, lambda b: (tuple(b.keys.shape), b.dtype, b.device)):
             batch = [blocks[i] for i in index]
@@ -97,7 +96,7 @@ class QuantizedCodec(Codec):
                 continue
             nbytes = self.encoded_nbytes(*shape, dtype)
             for i in index:
-                _check_buffer(outs[i], nbytes)
+                check_buffer(outs[i], nbytes)
             self._encode_batch(batch, [outs[i] for i in index])
             for i in index:
                 results[i] = Encoded(self.spec, dtype, shape, outs[i])
@@ -294,9 +293,3 @@ class Fp8Codec(QuantizedCodec):
     name = "fp8"
     kind = "fp8"
     bits = 8
-
-
-def _check_buffer(out: torch.Tensor, nbytes: int) -> None:
-    """ValueError unless `out` is a contiguous [nbytes] uint8 tensor, a payload's buffer."""
-    if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != nbytes or not out.is_contiguous():
-        raise ValueError(f"encode_into needs a contiguous [{nbytes}] uint8 tensor, got {out.dtype} {tuple(out.shape)}")
