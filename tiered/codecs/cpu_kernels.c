@@ -37,10 +37,23 @@ INLINE vf splat(float x) { return (vf){0} + x; }
 INLINE vu usplat(uint32_t x) { return (vu){0} + x; }
 INLINE vf fselect(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 INLINE vu uselect(vi mask, vu a, vu b) { return ((vu)mask & a) | (~(vu)mask & b); }
-/* a < b ? a : b and a > b ? a : b, per lane: exactly what x86's minps and maxps compute. */
+/* a < b ? a : b and a > b ? a : b, per lane: exactly what x86's minps and maxps compute. gcc 12
+ * makes 3 instructions of the select under AVX-512, and compares 16-lane floats one lane at a time
+ * under AVX2, so both use the instructions themselves (AVX2: on two halves). */
+#if !defined(TIERED_PORTABLE) && !defined(__AVX512F__) && defined(__AVX__)
+INLINE vf halves(vf a, vf b, int max) {
+    __m256 x[2], y[2];
+    memcpy(x, &a, sizeof x), memcpy(y, &b, sizeof y);
+    for (int k = 0; k < 2; k++) x[k] = max ? _mm256_max_ps(x[k], y[k]) : _mm256_min_ps(x[k], y[k]);
+    memcpy(&a, x, sizeof a);
+    return a;
+}
+#endif
 INLINE vf vmin(vf a, vf b) {
-#if !defined(TIERED_PORTABLE) && defined(__AVX512F__) /* gcc 12 makes 3 instructions of the select */
+#if !defined(TIERED_PORTABLE) && defined(__AVX512F__)
     return (vf)_mm512_min_ps((__m512)a, (__m512)b);
+#elif !defined(TIERED_PORTABLE) && defined(__AVX__)
+    return halves(a, b, 0);
 #else
     return fselect(a < b, a, b);
 #endif
@@ -48,12 +61,25 @@ INLINE vf vmin(vf a, vf b) {
 INLINE vf vmax(vf a, vf b) {
 #if !defined(TIERED_PORTABLE) && defined(__AVX512F__)
     return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#elif !defined(TIERED_PORTABLE) && defined(__AVX__)
+    return halves(a, b, 1);
 #else
     return fselect(a > b, a, b);
 #endif
 }
 INLINE vf vabs(vf x) { return (vf)((vu)x & 0x7FFFFFFFu); }
-INLINE vi nonfinite(vf x) { return ((vu)x & 0x7F800000u) == 0x7F800000u; } /* inf or NaN */
+INLINE vi nonfinite(vf x) { /* inf or NaN */
+#if !defined(TIERED_PORTABLE) && !defined(__AVX512F__) && defined(__AVX2__) /* as in vmin: on two halves */
+    __m256i h[2], e = _mm256_set1_epi32(0x7F800000);
+    memcpy(h, &x, sizeof h);
+    for (int k = 0; k < 2; k++) h[k] = _mm256_cmpeq_epi32(_mm256_and_si256(h[k], e), e);
+    vi mask;
+    memcpy(&mask, h, sizeof mask);
+    return mask;
+#else
+    return ((vu)x & 0x7F800000u) == 0x7F800000u;
+#endif
+}
 
 /* fp16 bits -> fp32, exact. */
 INLINE vf f16_to_f32(vh h) {
@@ -73,7 +99,7 @@ INLINE vf f16_to_f32(vh h) {
     vi infnan = em >= 0x7C00u, subnormal = em < 0x0400u;
     /* rebias the exponent from 15 to 127; inf and NaN go from 31 to 255 */
     vu normal = (em << 13) + (112u << 23) + ((vu)infnan & (112u << 23));
-    vu tiny = (vu)(__builtin_convertvector(em, vf) * 0x1p-24f); /* subnormals and zero: exact */
+    vu tiny = (vu)(__builtin_convertvector((vi)em, vf) * 0x1p-24f); /* subnormals and zero: exact */
     return (vf)(sign | uselect(subnormal, tiny, normal));
 #endif
 }
@@ -124,7 +150,7 @@ INLINE vu f32_to_e4m3(vf y) {
 INLINE vf e4m3_to_f32(vu c) {
     vu e = (c >> 3) & 15u, m = c & 7u;
     vu normal = ((e + 120u) << 23) | (m << 20);
-    vu tiny = (vu)(__builtin_convertvector(m, vf) * (1.0f / 512.0f));
+    vu tiny = (vu)(__builtin_convertvector((vi)m, vf) * (1.0f / 512.0f));
     vu mag = uselect((c & 0x7Fu) == 0x7Fu, usplat(0x7FC00000u), uselect(e == 0u, tiny, normal));
     return (vf)(((c & 0x80u) << 24) | mag);
 }
@@ -230,14 +256,15 @@ INLINE Params make_params(const int kind, float qmax, vf lo, vf hi, uint16_t *mi
         vh min_bits = f32_to_f16(lo + 0.0f);
         p.min32 = f16_to_f32(min_bits);
         vf span = hi - p.min32;
-        scale_bits = f32_to_f16(fselect(span > 0.0f, span, splat(0.0f)) / qmax);
+        scale_bits = f32_to_f16(vmax(span, splat(0.0f)) / qmax); /* span > 0 ? span : 0 */
         memcpy(min16, &min_bits, (size_t)n * 2);
     } else {
         scale_bits = f32_to_f16(hi / FP8_MAX);
     }
     memcpy(scale16, &scale_bits, (size_t)n * 2);
     vf scale = f16_to_f32(scale_bits);
-    p.inv32 = fselect(scale > 0.0f, 1.0f / scale, splat(0.0f));
+    /* scale > 0 as integers (a NaN scale is bad anyway): no float compare, see vmin */
+    p.inv32 = fselect((vi)scale > 0, 1.0f / scale, splat(0.0f));
     p.bad = nonfinite(p.min32) | nonfinite(scale);
     return p;
 }
@@ -245,13 +272,13 @@ INLINE Params make_params(const int kind, float qmax, vf lo, vf hi, uint16_t *mi
 INLINE vu make_codes(const int kind, float qmax, vf x, vf min32, vf inv32) {
     if (kind == KIND_INT) {
         vf y = vmin(vmax((x - min32) * inv32, splat(0.0f)), splat(qmax));
-        return __builtin_convertvector(y + 0.5f, vu); /* truncates */
+        return (vu)__builtin_convertvector(y + 0.5f, vi); /* truncates; y + 0.5 < 2^31 */
     }
     return f32_to_e4m3(vmax(vmin(x * inv32, splat(FP8_MAX)), splat(-FP8_MAX)));
 }
 
 INLINE vf decode_codes(const int kind, vu codes, vf min32, vf scale32) {
-    return kind == KIND_INT ? min32 + __builtin_convertvector(codes, vf) * scale32 : e4m3_to_f32(codes) * scale32;
+    return kind == KIND_INT ? min32 + __builtin_convertvector((vi)codes, vf) * scale32 : e4m3_to_f32(codes) * scale32;
 }
 
 INLINE int any(vi mask) {
