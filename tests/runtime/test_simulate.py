@@ -183,7 +183,6 @@ def test_a_huge_shared_tier_is_an_infinite_cache(profile):
     assert simulate(trace, config, profile)["hit_ratio"] < hits / trace.blocks
 
 
-@pytest.mark.skipif(not FULL_TRACE.exists(), reason="the shipped Mooncake trace is absent")
 def test_the_conversation_trace_infinite_cache_ratio_is_36_6_percent(profile):
     trace = read_trace(FULL_TRACE)
     assert len(trace.requests) == 12031
