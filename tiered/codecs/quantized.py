@@ -83,7 +83,7 @@ class QuantizedCodec(Codec):
         slot for a CUDA block) gets the payload quantized where the block is, then copied over."""
         if len(blocks) != len(outs):
             raise ValueError(f"{len(blocks)} blocks but {len(outs)} buffers")
-        if blocks and blocks[0].keys.is_cpu and cpu_kernels.available() and cpu_kernels.encode_alike(self.fmt, blocks, outs):
+        if blocks and self._kernels(blocks[0].keys) is cpu_kernels and cpu_kernels.encode_alike(self.fmt, blocks, outs):
             shape, dtype = tuple(blocks[0].keys.shape), blocks[0].dtype
             return [Encoded(self.spec, dtype, shape, out) for out in outs]
         results: list[Encoded | None] = [None] * len(blocks)
